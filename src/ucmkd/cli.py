@@ -1,0 +1,130 @@
+"""Command-line interface: a thin layer over :mod:`ucmkd.api` and :mod:`ucmkd.experiment`.
+
+    ucmkd run digits [--quick] [--out DIR] [key=value ...]
+    ucmkd train [--config FILE] [--run-dir DIR] [key=value ...]
+    ucmkd train-teacher [--config FILE] [key=value ...]
+    ucmkd list
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .errors import UcmkdError
+
+
+def builtin_experiments() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("ucmkd.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def experiment_path(name: str):
+    """A built-in experiment name (``digits``) or a YAML path."""
+    if name in builtin_experiments():
+        return resources.files("ucmkd.configs") / f"{name}.yaml"
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    from .errors import ConfigError
+
+    raise ConfigError(f"unknown experiment {name!r}: give a built-in one ({', '.join(builtin_experiments())}) "
+                      f"or a path to a .yaml file")
+
+
+def _cmd_run(a) -> int:
+    from .config import ExperimentConfig, load_config
+    from .experiment import apply_quick, run_experiment
+
+    exp = load_config(ExperimentConfig, experiment_path(a.experiment), a.overrides)
+    if a.quick:
+        exp = apply_quick(exp)
+    run_experiment(exp, out_dir=a.out, progress=not a.no_progress)
+    return 0
+
+
+def _load_run_config(a):
+    from .config import RunConfig, load_config
+
+    return load_config(RunConfig, a.config, a.overrides)
+
+
+def _cmd_train(a) -> int:
+    import json
+
+    from .api import run
+
+    cfg = _load_run_config(a)
+    res = run(cfg, run_dir=a.run_dir, progress=not a.no_progress)
+    res.pop("distiller", None)
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def _cmd_train_teacher(a) -> int:
+    from .api import load_pair
+    from .engine import get_teacher
+
+    cfg = _load_run_config(a)
+    _, teacher_data = load_pair(cfg)
+    _, info = get_teacher(cfg, teacher_data, progress=not a.no_progress, retrain=a.retrain)
+    print(f"teacher {cfg.data.teacher}: val acc {100 * info['val_acc']:.2f}%, test acc "
+          f"{100 * info['test_acc']:.2f}% (best epoch {info['best_epoch']})\ncheckpoint: {info['path']}")
+    return 0
+
+
+def _cmd_list(a) -> int:
+    from .data import DATASETS, PRESETS
+    from .losses.ot import BACKENDS, METRICS
+    from .methods import METHODS
+    from .models import BACKBONES
+
+    print("datasets:   " + ", ".join(DATASETS.names()) + ", npz:PATH")
+    print("methods:    " + ", ".join(METHODS.names()))
+    print("backbones:  " + ", ".join(BACKBONES.names()) + " (auto picks by input kind)")
+    print("OT metrics: " + ", ".join(METRICS) + "; OT backends: " + ", ".join(BACKENDS))
+    print("pairing presets: " + ", ".join(PRESETS))
+    print("experiments: " + ", ".join(builtin_experiments()))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ucmkd", description="Cross-modal knowledge distillation without paired data.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an experiment grid (methods x seeds x directions) and report")
+    r.add_argument("experiment", help=f"built-in experiment ({', '.join(builtin_experiments())}) or a YAML file")
+    r.add_argument("--quick", action="store_true", help="the ~1-minute smoke version")
+    r.add_argument("--out", default=None, help="output directory (default: the experiment's out_dir)")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] base.optim.epochs=20")
+    r.set_defaults(fn=_cmd_run)
+
+    for name, fn, helptext in (("train", _cmd_train, "train one student (one method, one seed)"),
+                               ("train-teacher", _cmd_train_teacher, "train (or reuse) the teacher")):
+        t = sub.add_parser(name, help=helptext)
+        t.add_argument("--config", default=None, help="YAML file with RunConfig fields")
+        t.add_argument("--no-progress", action="store_true")
+        t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=kd data.student=digits/image")
+        if name == "train":
+            t.add_argument("--run-dir", default=None, help="checkpoint/metrics directory (resumable)")
+        else:
+            t.add_argument("--retrain", action="store_true", help="ignore a cached teacher")
+        t.set_defaults(fn=fn)
+
+    ls = sub.add_parser("list", help="list datasets, methods, backbones, metrics and presets")
+    ls.set_defaults(fn=_cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UcmkdError as e:
+        print(f"ucmkd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Typed configuration: dataclasses with defaults, merged from YAML and ``key=value`` overrides.
+
+Every field error names its dotted path (``optim.lr``) so a typo never passes silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Two views of one latent class structure (see :mod:`ucmkd.data.synthetic`)."""
+
+    n_items: int = 3000          # items per view (item i of view A and of view B share a latent)
+    num_classes: int = 10
+    latent_dim: int = 8
+    class_sep: float = 2.0       # distance scale between class means in latent space
+    dim_a: int = 16              # view A: near-linear map of the latent
+    dim_b: int = 32              # view B: nonlinear map + distractors
+    noise: float = 0.5           # view-B observation noise (std, in units of the latent scale)
+    nonlinearity: float = 1.0    # 0 = linear view B, larger = more tanh/sin warping
+    distractors: int = 16        # pure-noise dimensions appended to view B
+    noise_a: float = 0.1         # view-A observation noise
+    seed: int = 0                # generation seed (fixed data, independent of run seeds)
+
+
+@dataclass
+class DataConfig:
+    teacher: str = "digits/image"     # modality dataset name (registry ``ucmkd.data.DATASETS``)
+    student: str = "digits/signal"
+    split_seed: int = 0               # fixed splits: the same for every run seed
+    test_frac: float = 0.25
+    val_frac: float = 0.2             # carved from the training part
+    cache_dir: Optional[str] = None   # default: $UCMKD_CACHE or ~/.cache/ucmkd
+    mnist1d_samples: int = 4000       # size of the generated digits/signal set
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class PairingConfig:
+    """How distillation batches join student items with teacher-modality items."""
+
+    mode: str = "class-matched"           # class-matched | unpaired | paired
+    label_budget: Optional[int] = 10      # labelled student items per class (None = all)
+    mismatch_ratio: Optional[float] = None  # marginal mismatch: student share r of each class pool
+    imbalance_rho: Optional[float] = None   # long-tail factor rho (keep (1/rho)^(rank/(K-1)))
+    imbalance_side: str = "teacher"       # teacher | student
+    shift_level: float = 0.0              # domain-shift corruption level (0 = none)
+    shift_side: str = "student"           # teacher | student | both
+
+
+@dataclass
+class ModelConfig:
+    teacher_backbone: str = "auto"   # auto picks by input kind: mlp | cnn1d | cnn2d
+    student_backbone: str = "auto"
+    teacher_width: int = 64
+    student_width: int = 16
+    teacher_feat_dim: int = 64
+    student_feat_dim: int = 64       # != teacher_feat_dim adds a learned projector
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 3
+    min_lr: float = 1e-6
+    clip_norm: float = 5.0
+    steps_per_epoch: Optional[int] = 8   # None: one pass over the labelled student pool
+
+
+@dataclass
+class TeacherConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    seed: int = 0                # one teacher per (data, model, schedule, seed), shared by student seeds
+
+
+@dataclass
+class MethodConfig:
+    name: str = "ce"
+    params: dict = field(default_factory=dict)   # validated by the method's own ``Params``
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one student training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    seed: int = 0
+    device: str = "cpu"
+    threads: Optional[int] = None
+
+
+@dataclass
+class ExperimentConfig:
+    """A grid: methods x seeds x directions over one base run config (``ucmkd run``)."""
+
+    name: str = "digits"
+    base: RunConfig = field(default_factory=RunConfig)
+    methods: list = field(default_factory=lambda: ["ce", "ce-ls", "kd", "ucmkd-joint", "ucmkd-bilevel"])
+    method_params: dict = field(default_factory=dict)   # method name -> params override
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    directions: list = field(default_factory=lambda: [["digits/image", "digits/signal"],
+                                                      ["digits/signal", "digits/image"]])
+    out_dir: str = "outputs/digits"
+    quick: dict = field(default_factory=dict)    # dotted overrides applied by --quick
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; errors name ``path``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if tp in (list, dict) or origin in (list, dict):
+        base = origin or tp
+        if not isinstance(value, base):
+            raise ConfigError(f"{path}: expected a {base.__name__}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial) nested dict; unknown keys are errors."""
+    if data is None:
+        data = {}
+    if is_dataclass(data):
+        data = asdict(data)
+    where = path or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown field {_join(path, unknown[0])!r}; known fields of "
+                          f"{where}: {', '.join(sorted(known))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], _join(path, f.name))
+    return cls(**kwargs)
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def to_dict(cfg: Any) -> dict:
+    return asdict(cfg)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-3", "method.params.w_fa=0.5"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Recursive dict merge; ``update`` wins. Returns a new dict."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Any:
+    """Defaults <- ``base`` dict <- YAML file <- ``key=value`` overrides, validated into ``cls``."""
+    data = dict(base or {})
+    if path is not None:
+        try:
+            data = deep_merge(data, load_yaml(path))
+        except ConfigError:
+            raise
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(obj: Any, n: int = 10) -> str:
+    """Stable short hash of a dataclass or dict (key order independent)."""
+    d = to_dict(obj) if is_dataclass(obj) else obj
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

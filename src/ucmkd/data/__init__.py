@@ -1,0 +1,8 @@
+"""Modality datasets, fixed splits and the pairing sampler."""
+from . import digits, synthetic  # noqa: F401  (register the built-in datasets)
+from .base import (DATASETS, ModalityData, RawModality, cache_dir, check_compatible, load_modality,
+                   make_splits, register_dataset)
+from .pairing import MODES, PRESETS, Batch, PairingSampler, imbalance_keep
+
+__all__ = ["DATASETS", "ModalityData", "RawModality", "cache_dir", "check_compatible", "load_modality",
+           "make_splits", "register_dataset", "MODES", "PRESETS", "Batch", "PairingSampler", "imbalance_keep"]

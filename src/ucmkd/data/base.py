@@ -1,0 +1,168 @@
+"""Modality datasets: an item is an input tensor and a class label.
+
+Datasets differ only in how items are produced (:data:`DATASETS` builders); splitting,
+normalisation, caching and pairing are shared.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from ..config import DataConfig
+from ..errors import DataError
+from ..registry import Registry
+
+KINDS = ("vector", "signal", "image")
+
+
+@dataclass
+class RawModality:
+    """What a dataset builder returns before splitting.
+
+    x: float array [N, *input_shape]; y: int array [N] in 0..K-1; classes: K names;
+    pair_id: optional int array [N]; items of two modalities with equal pair_id are true pairs.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: list
+    kind: str
+    pair_id: Optional[np.ndarray] = None
+    source: str = ""
+
+
+@dataclass
+class ModalityData:
+    """One modality, in memory, with fixed train/val/test index splits.
+
+    Attributes:
+        name: registry name, e.g. ``"digits/image"``.
+        kind: ``vector`` ([N, D]), ``signal`` ([N, C, L]) or ``image`` ([N, C, H, W]).
+        x: float32 tensor [N, *input_shape], standardised with training statistics.
+        y: int64 tensor [N].
+        classes: class names, index = label.
+        splits: ``{"train", "val", "test"}`` -> int64 index tensors into x/y.
+        pair_id: int64 [N] or None.
+    """
+
+    name: str
+    kind: str
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list
+    splits: dict
+    pair_id: Optional[torch.Tensor] = None
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x.shape[1:])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs [n, *input_shape] and labels [n] of split ``name``."""
+        idx = self.splits[name]
+        return self.x[idx], self.y[idx]
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
+        return f"{self.name} ({self.kind}, input {list(self.input_shape)}, {self.num_classes} classes, {sizes})"
+
+
+DatasetBuilder = Callable[[DataConfig], RawModality]
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+
+
+def register_dataset(name: str):
+    """Decorator: register ``builder(cfg: DataConfig) -> RawModality`` under ``name``."""
+    return DATASETS.register(name)
+
+
+def cache_dir(cfg: DataConfig | None = None) -> Path:
+    """The on-disk cache: ``cfg.cache_dir``, else ``$UCMKD_CACHE``, else ``~/.cache/ucmkd``."""
+    d = (cfg.cache_dir if cfg is not None and cfg.cache_dir else None) or os.environ.get("UCMKD_CACHE")
+    if not d:
+        d = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ucmkd")
+    p = Path(d)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def make_splits(y: np.ndarray, test_frac: float, val_frac: float, seed: int) -> dict:
+    """Stratified, seeded train/val/test split; val is carved from the training part."""
+    for name, v in (("data.test_frac", test_frac), ("data.val_frac", val_frac)):
+        if not 0.0 < v < 1.0:
+            raise DataError(f"{name} must be in (0, 1), got {v}")
+    idx = np.arange(len(y))
+    trval, test = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=y)
+    train, val = train_test_split(trval, test_size=val_frac, random_state=seed + 1, stratify=y[trval])
+    return {k: torch.as_tensor(np.sort(v), dtype=torch.long)
+            for k, v in (("train", train), ("val", val), ("test", test))}
+
+
+def validate_raw(raw: RawModality, name: str) -> None:
+    where = raw.source or name
+    if raw.kind not in KINDS:
+        raise DataError(f"{where}: unknown input kind {raw.kind!r}; expected one of {KINDS}")
+    want_ndim = {"vector": 2, "signal": 3, "image": 4}[raw.kind]
+    if raw.x.ndim != want_ndim:
+        raise DataError(f"{where}: {raw.kind} inputs must have shape "
+                        f"{['[N, D]', '[N, C, L]', '[N, C, H, W]'][want_ndim - 2]}, got {list(raw.x.shape)}")
+    if raw.y.ndim != 1 or len(raw.y) != len(raw.x):
+        raise DataError(f"{where}: labels must have shape [N]={[len(raw.x)]}, got {list(raw.y.shape)}")
+    if len(raw.classes) < 2:
+        raise DataError(f"{where}: need at least 2 classes, got {raw.classes}")
+    if raw.y.min() < 0 or raw.y.max() >= len(raw.classes):
+        raise DataError(f"{where}: labels must lie in 0..{len(raw.classes) - 1}, "
+                        f"found {int(raw.y.min())}..{int(raw.y.max())}")
+    if not np.isfinite(raw.x).all():
+        raise DataError(f"{where}: inputs contain NaN or inf")
+    if raw.pair_id is not None and raw.pair_id.shape != raw.y.shape:
+        raise DataError(f"{where}: pair_id must have shape {list(raw.y.shape)}, got {list(raw.pair_id.shape)}")
+
+
+def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
+    """Validate, split (seeded, stratified), and standardise with train-split statistics."""
+    validate_raw(raw, name)
+    splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed)
+    x = torch.as_tensor(raw.x, dtype=torch.float32)
+    tr = x[splits["train"]]
+    mean, std = tr.mean(), tr.std().clamp_min(1e-8)
+    x = (x - mean) / std
+    pid = None if raw.pair_id is None else torch.as_tensor(raw.pair_id, dtype=torch.long)
+    return ModalityData(name=name, kind=raw.kind, x=x, y=torch.as_tensor(raw.y, dtype=torch.long),
+                        classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,
+                        meta={"norm_mean": float(mean), "norm_std": float(std)})
+
+
+def load_modality(name: str, cfg: DataConfig | None = None) -> ModalityData:
+    """Build modality ``name`` (a registered name, or ``npz:PATH``) with fixed splits."""
+    cfg = cfg or DataConfig()
+    if name.startswith("npz:"):
+        from .npz import load_npz
+
+        raw = load_npz(name[4:])
+    else:
+        raw = DATASETS.get(name)(cfg)
+    return finalize(raw, name, cfg)
+
+
+def check_compatible(student: ModalityData, teacher: ModalityData) -> None:
+    """The two modalities must share one label space (same class names in the same order)."""
+    if list(student.classes) != list(teacher.classes):
+        s, t = set(map(str, student.classes)), set(map(str, teacher.classes))
+        diff = sorted(s ^ t)
+        detail = (f"classes only in one: {diff}" if diff else
+                  f"same classes in a different order: {student.classes} vs {teacher.classes}")
+        raise DataError(f"label sets differ between student {student.name!r} and teacher "
+                        f"{teacher.name!r}: {detail}")

@@ -1,0 +1,34 @@
+"""Bring-your-own data: a ``.npz`` file with arrays ``x`` [N, ...], ``y`` [N] and optionally
+``classes`` [K] (strings), ``pair_id`` [N] and ``kind`` (``vector``/``signal``/``image``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .base import RawModality
+
+_DEFAULT_KIND = {2: "vector", 3: "signal", 4: "image"}
+
+
+def load_npz(path: str) -> RawModality:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"dataset file not found: {p}")
+    try:
+        z = np.load(p, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds
+        raise DataError(f"{p}: cannot read as .npz: {e}") from None
+    for key in ("x", "y"):
+        if key not in z.files:
+            raise DataError(f"{p}: missing array {key!r} (found {z.files})")
+    x, y = z["x"].astype(np.float32), z["y"]
+    if x.ndim == 1 or x.ndim > 4:
+        raise DataError(f"{p}: field 'x' must be [N, D], [N, C, L] or [N, C, H, W], got {list(x.shape)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{p}: field 'y' must hold integer labels, got dtype {y.dtype}")
+    classes = [str(c) for c in z["classes"]] if "classes" in z.files else [str(i) for i in range(int(y.max()) + 1)]
+    kind = str(z["kind"]) if "kind" in z.files else _DEFAULT_KIND.get(x.ndim, "vector")
+    pair_id = z["pair_id"].astype(np.int64) if "pair_id" in z.files else None
+    return RawModality(x=x, y=y.astype(np.int64), classes=classes, kind=kind, pair_id=pair_id, source=str(p))

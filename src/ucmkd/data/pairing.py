@@ -1,0 +1,251 @@
+"""The pairing sampler: how each training batch joins student items with teacher-modality items.
+
+Modes (``PairingConfig.mode``):
+- ``class-matched`` (default): each student item (x_b, y) is joined with a random teacher
+  item of the same label y (the authors' unpaired protocol);
+- ``unpaired``: the teacher batch is drawn independently of the student labels;
+- ``paired``: each student item is joined with its TRUE pair (datasets with ``pair_id`` only).
+Stress options, combinable with the modes: marginal mismatch (``mismatch_ratio`` r: each
+class pool is split, the student keeps a share r and the teacher the disjoint rest), label
+imbalance (``imbalance_rho`` on one side: class of rank c keeps (1/rho)^(c/(K-1))), domain
+shift (``shift_level``: corruption of training inputs) and a student label budget
+(``label_budget`` k per class; the rest of the student pool becomes unlabelled data).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..config import PairingConfig
+from ..errors import ConfigError, DataError
+from .base import ModalityData, check_compatible
+from .corruption import corrupt
+
+MODES = ("class-matched", "unpaired", "paired")
+SIDES = ("teacher", "student")
+
+#: Named presets: ``pairing.preset``-style shortcuts as dotted overrides of ``pairing``.
+PRESETS: dict[str, dict] = {
+    "class-matched": {"mode": "class-matched"},
+    "unpaired": {"mode": "unpaired"},
+    "paired": {"mode": "paired"},
+    "mismatch-mild": {"mismatch_ratio": 0.7},
+    "mismatch-moderate": {"mismatch_ratio": 0.5},
+    "mismatch-hard": {"mismatch_ratio": 0.3},
+    "imbalance-5": {"imbalance_rho": 5.0},
+    "imbalance-10": {"imbalance_rho": 10.0},
+    "imbalance-50": {"imbalance_rho": 50.0},
+    "shift-0.3": {"shift_level": 0.3},
+    "shift-0.5": {"shift_level": 0.5},
+    "shift-0.8": {"shift_level": 0.8},
+}
+
+
+@dataclass
+class Batch:
+    """One training batch. xs [B, *S], ys [B]; xt [B', *T] or None; xu [B, *S] or None."""
+
+    xs: torch.Tensor
+    ys: torch.Tensor
+    xt: Optional[torch.Tensor] = None
+    yt: Optional[torch.Tensor] = None
+    xu: Optional[torch.Tensor] = None
+
+    def to(self, device) -> "Batch":
+        def mv(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(mv(self.xs), mv(self.ys), mv(self.xt), mv(self.yt), mv(self.xu))
+
+
+def validate_pairing(cfg: PairingConfig) -> None:
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown pairing.mode {cfg.mode!r}; known: {', '.join(MODES)}")
+    if cfg.label_budget is not None and cfg.label_budget < 1:
+        raise ConfigError(f"pairing.label_budget must be >= 1 or null, got {cfg.label_budget}")
+    if cfg.mismatch_ratio is not None and not 0.0 < cfg.mismatch_ratio < 1.0:
+        raise ConfigError(f"pairing.mismatch_ratio must be in (0, 1), got {cfg.mismatch_ratio}")
+    if cfg.imbalance_rho is not None and cfg.imbalance_rho < 1.0:
+        raise ConfigError(f"pairing.imbalance_rho must be >= 1, got {cfg.imbalance_rho}")
+    if cfg.imbalance_side not in SIDES:
+        raise ConfigError(f"pairing.imbalance_side must be one of {SIDES}, got {cfg.imbalance_side!r}")
+    if cfg.shift_side not in SIDES + ("both",):
+        raise ConfigError(f"pairing.shift_side must be teacher, student or both, got {cfg.shift_side!r}")
+    if not 0.0 <= cfg.shift_level <= 1.0:
+        raise ConfigError(f"pairing.shift_level must be in [0, 1], got {cfg.shift_level}")
+    if cfg.mode == "paired" and cfg.mismatch_ratio is not None:
+        raise ConfigError("pairing.mode 'paired' cannot be combined with pairing.mismatch_ratio "
+                          "(disjoint pools have no true pairs)")
+
+
+def imbalance_keep(num_classes: int, rho: float) -> np.ndarray:
+    """Fraction kept per class rank c: (1/rho)^(c/(K-1)), [K]."""
+    return (1.0 / rho) ** (np.arange(num_classes) / max(num_classes - 1, 1))
+
+
+class PairingSampler:
+    """Yields :class:`Batch` es for one epoch at a time; every epoch is seeded by (seed, epoch),
+    so a resumed run draws the same batches as an uninterrupted one.
+
+    Args:
+        student: the student modality (its ``train`` split is the pool).
+        teacher: the teacher modality, or None (teacher training / teacher-free methods).
+        cfg: pairing config.
+        batch_size: B (clamped to the labelled pool size).
+        steps_per_epoch: None = ceil(n_labelled / B).
+        seed: run seed (chooses the labelled subset, pools and batches).
+        unlabelled: also yield unlabelled student batches ``xu``.
+    """
+
+    def __init__(self, student: ModalityData, teacher: Optional[ModalityData], cfg: PairingConfig,
+                 batch_size: int, steps_per_epoch: Optional[int] = None, seed: int = 0,
+                 unlabelled: bool = False):
+        validate_pairing(cfg)
+        if teacher is not None:
+            check_compatible(student, teacher)
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.seed, self.want_unlabelled = seed, unlabelled
+        self.num_classes = student.num_classes
+        rng = np.random.default_rng([seed, 1009])
+        s_pool = student.splits["train"].numpy()
+        t_pool = teacher.splits["train"].numpy() if teacher is not None else None
+        if teacher is not None and cfg.mismatch_ratio is not None:
+            s_pool, t_pool = self._mismatch(s_pool, t_pool, cfg.mismatch_ratio, rng)
+        labelled, unlab = self._budget(s_pool, cfg.label_budget, rng)
+        if cfg.imbalance_rho is not None:
+            if cfg.imbalance_side == "student":
+                labelled = self._imbalance(labelled, student.y, cfg.imbalance_rho, rng)
+            elif t_pool is not None:
+                t_pool = self._imbalance(t_pool, teacher.y, cfg.imbalance_rho, rng)
+        self.labelled = labelled
+        self.unlabelled_pool = unlab
+        self.teacher_pool = t_pool
+        if teacher is not None:
+            ty = teacher.y[t_pool].numpy()
+            self.teacher_by_class = [t_pool[ty == c] for c in range(self.num_classes)]
+            if cfg.mode == "class-matched":
+                present = set(student.y[labelled].tolist())
+                for c in sorted(present):
+                    if len(self.teacher_by_class[c]) == 0:
+                        raise DataError(f"teacher pool of {teacher.name!r} has no item of class "
+                                        f"{teacher.classes[c]!r} (after the pairing stress options)")
+            if cfg.mode == "paired":
+                self._pair_map = self._build_pair_map()
+        if unlabelled and len(unlab) == 0:
+            raise DataError(f"the method uses unlabelled student data but the student pool of "
+                            f"{student.name!r} has none (pairing.label_budget={cfg.label_budget})")
+        self.batch_size = int(min(batch_size, len(labelled)))
+        self.steps_per_epoch = steps_per_epoch or math.ceil(len(labelled) / self.batch_size)
+
+    # ------------------------------------------------------------------ pool construction
+    def _mismatch(self, s_pool, t_pool, r, rng):
+        sy, ty = self.student.y.numpy(), self.teacher.y.numpy()
+        s_keep, t_keep = [], []
+        both_paired = self.student.pair_id is not None and self.teacher.pair_id is not None
+        for c in range(self.num_classes):
+            s_c, t_c = s_pool[sy[s_pool] == c], t_pool[ty[t_pool] == c]
+            if both_paired:
+                sp = self.student.pair_id[s_c].numpy()
+                tp = self.teacher.pair_id[t_c].numpy()
+                ids = np.union1d(sp, tp)
+                rng.shuffle(ids)
+                cut = int(round(r * len(ids)))
+                s_ids, t_ids = ids[:cut], ids[cut:]
+                s_keep.append(s_c[np.isin(sp, s_ids)])
+                t_keep.append(t_c[np.isin(tp, t_ids)])
+            else:
+                s_c, t_c = rng.permutation(s_c), rng.permutation(t_c)
+                s_keep.append(s_c[: max(1, int(round(r * len(s_c))))])
+                t_keep.append(t_c[len(t_c) - max(1, int(round((1 - r) * len(t_c)))):])
+        return np.sort(np.concatenate(s_keep)), np.sort(np.concatenate(t_keep))
+
+    def _budget(self, pool, k, rng):
+        if k is None:
+            return pool, pool[:0]
+        y = self.student.y.numpy()
+        lab = []
+        for c in range(self.num_classes):
+            members = rng.permutation(pool[y[pool] == c])
+            if len(members) == 0:
+                continue
+            lab.append(members[:k])
+        labelled = np.sort(np.concatenate(lab))
+        return labelled, np.setdiff1d(pool, labelled)
+
+    def _imbalance(self, pool, labels, rho, rng):
+        keep = imbalance_keep(self.num_classes, rho)
+        y = labels.numpy()
+        out = []
+        for c in range(self.num_classes):
+            members = rng.permutation(pool[y[pool] == c])
+            if len(members):
+                out.append(members[: max(1, int(round(keep[c] * len(members))))])
+        return np.sort(np.concatenate(out))
+
+    def _build_pair_map(self):
+        if self.student.pair_id is None or self.teacher.pair_id is None:
+            missing = self.student.name if self.student.pair_id is None else self.teacher.name
+            raise DataError(f"pairing.mode 'paired' needs true pairs, but dataset {missing!r} has no "
+                            f"pair_id; use 'class-matched' or 'unpaired'")
+        t_ids = self.teacher.pair_id[self.teacher_pool].numpy()
+        lookup = dict(zip(t_ids.tolist(), self.teacher_pool.tolist()))
+        s_ids = self.student.pair_id[self.labelled].numpy()
+        missing = [i for i in s_ids.tolist() if i not in lookup]
+        if missing:
+            raise DataError(f"pairing.mode 'paired': {len(missing)} student items of {self.student.name!r} "
+                            f"have no pair in the teacher pool of {self.teacher.name!r} (e.g. pair_id {missing[0]})")
+        return lookup
+
+    # ------------------------------------------------------------------ iteration
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def summary(self) -> dict:
+        return {"labelled": int(len(self.labelled)), "unlabelled": int(len(self.unlabelled_pool)),
+                "teacher_pool": None if self.teacher_pool is None else int(len(self.teacher_pool)),
+                "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch}
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, epoch, 2029])
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        n_need = self.steps_per_epoch * self.batch_size
+        reps = math.ceil(n_need / len(self.labelled))
+        order = np.concatenate([rng.permutation(self.labelled) for _ in range(reps)])[:n_need]
+        s, t, cfg = self.student, self.teacher, self.cfg
+        shift_s = cfg.shift_level > 0 and cfg.shift_side in ("student", "both")
+        shift_t = cfg.shift_level > 0 and cfg.shift_side in ("teacher", "both")
+        for step in range(self.steps_per_epoch):
+            si = order[step * self.batch_size:(step + 1) * self.batch_size]
+            xs, ys = s.x[si], s.y[si]
+            if shift_s:
+                xs = corrupt(xs, s.kind, cfg.shift_level, gen)
+            batch = Batch(xs, ys)
+            if t is not None:
+                ti = self._teacher_indices(si, ys.numpy(), rng)
+                batch.xt, batch.yt = t.x[ti], t.y[ti]
+                if shift_t:
+                    batch.xt = corrupt(batch.xt, t.kind, cfg.shift_level, gen)
+            if self.want_unlabelled:
+                ui = rng.choice(self.unlabelled_pool, size=self.batch_size,
+                                replace=len(self.unlabelled_pool) < self.batch_size)
+                batch.xu = s.x[ui]
+                if shift_s:
+                    batch.xu = corrupt(batch.xu, s.kind, cfg.shift_level, gen)
+            yield batch
+
+    def _teacher_indices(self, si, ys, rng) -> np.ndarray:
+        mode = self.cfg.mode
+        if mode == "paired":
+            ids = self.student.pair_id[si].tolist()
+            return np.array([self._pair_map[i] for i in ids])
+        if mode == "unpaired":
+            return rng.choice(self.teacher_pool, size=len(si), replace=True)
+        out = np.empty(len(si), dtype=np.int64)
+        for c in np.unique(ys):
+            pos = np.nonzero(ys == c)[0]
+            out[pos] = rng.choice(self.teacher_by_class[c], size=len(pos), replace=True)
+        return out

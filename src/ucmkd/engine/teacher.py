@@ -1,0 +1,100 @@
+"""Teacher training: cross-entropy on the teacher modality, checkpointed and reused.
+
+Teachers are cached under ``<cache>/teachers/<dataset>-<key>/`` where the key hashes
+everything that makes two teachers differ: the dataset and its generation/split settings,
+the teacher architecture, the training schedule and the teacher seed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+
+from ..config import OptimConfig, PairingConfig, RunConfig, config_hash
+from ..data.base import ModalityData, cache_dir
+from ..data.pairing import PairingSampler
+from ..errors import DataError
+from ..models import Classifier, build_classifier
+from .checkpoint import load_checkpoint, save_checkpoint, seed_everything
+from .trainer import Trainer, evaluate
+
+
+def teacher_key(cfg: RunConfig, data: ModalityData) -> dict:
+    """Everything that makes teachers differ (hashed into the cache path)."""
+    d = cfg.data
+    dataset = {"name": data.name, "split_seed": d.split_seed, "test_frac": d.test_frac, "val_frac": d.val_frac}
+    if data.name == "digits/signal":
+        dataset["mnist1d_samples"] = d.mnist1d_samples
+    if data.name.startswith("synthetic/"):
+        dataset["synthetic"] = asdict(d.synthetic)
+    if data.name.startswith("npz:"):
+        dataset["n"] = int(len(data.y))
+    m = cfg.model
+    return {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
+            "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
+            "train": asdict(cfg.teacher), "version": 1}
+
+
+def build_teacher_model(cfg: RunConfig, data: ModalityData) -> Classifier:
+    m = cfg.model
+    return build_classifier(data.input_shape, data.kind, data.num_classes, m.teacher_backbone,
+                            m.teacher_width, m.teacher_feat_dim, name=f"teacher[{data.name}]")
+
+
+def teacher_dir(cfg: RunConfig, data: ModalityData):
+    safe = data.name.replace("/", "-").replace(":", "-").replace("\\", "-")[-60:]
+    return cache_dir(cfg.data) / "teachers" / f"{safe}-{config_hash(teacher_key(cfg, data))}"
+
+
+def load_teacher(path, cfg: RunConfig, data: ModalityData) -> tuple[Classifier, dict]:
+    """Load a trained teacher from ``path`` (a ``teacher.pt``), strictly."""
+    st = load_checkpoint(path)
+    if "model" not in st or "info" not in st:
+        raise DataError(f"{path}: not a ucmkd teacher checkpoint (keys {sorted(st)})")
+    model = build_teacher_model(cfg, data)
+    try:
+        model.load_state_dict(st["model"], strict=True)
+    except RuntimeError as e:
+        raise DataError(f"{path}: teacher weights do not fit the configured teacher model: {e}") from None
+    model.eval().requires_grad_(False)
+    return model, st["info"]
+
+
+def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
+                retrain: bool = False) -> tuple[Classifier, dict]:
+    """Return (frozen teacher, info) for ``data``, training and caching it if needed.
+
+    info: ``{"val_acc", "test_acc", "best_epoch", "seconds", "path", "key"}``.
+    """
+    tdir = teacher_dir(cfg, data)
+    path = tdir / "teacher.pt"
+    if path.is_file() and not retrain:
+        return load_teacher(path, cfg, data)
+    t = cfg.teacher
+    seed_everything(t.seed)
+    model = build_teacher_model(cfg, data)
+    from ..methods import build_distiller
+
+    distiller = build_distiller("ce", model, None)
+    optim = OptimConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                        warmup_epochs=t.warmup_epochs, steps_per_epoch=None)
+    sampler = PairingSampler(data, None, PairingConfig(label_budget=None), t.batch_size, None, seed=t.seed)
+    key = teacher_key(cfg, data)
+    trainer = Trainer(distiller, sampler, data, optim, run_dir=tdir / "run", config_hash=config_hash(key),
+                      device=cfg.device, progress=progress, desc=f"teacher {data.name}")
+    t0 = time.time()
+    res = trainer.fit()
+    best = load_checkpoint(tdir / "run" / "best.pt")
+    distiller.load_trainable_state_dict(best["model"])
+    model.cpu().eval().requires_grad_(False)
+    val_acc, _ = evaluate(model, *data.split("val"))
+    test_acc, _ = evaluate(model, *data.split("test"))
+    info = {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
+            "seconds": time.time() - t0, "path": str(path), "key": key}
+    save_checkpoint({"model": model.state_dict(), "info": info}, path)
+    (tdir / "info.json").write_text(json.dumps(info, indent=2))
+    return model, info
+
+
+__all__ = ["get_teacher", "load_teacher", "teacher_key", "teacher_dir", "build_teacher_model"]

@@ -1,0 +1,182 @@
+"""The training loop shared by every method (and by teacher training).
+
+AdamW with linear warm-up then cosine decay (per step), gradient-norm clipping, validation
+every epoch, test accuracy recorded at the best validation epoch (never used to select),
+``latest.pt``/``best.pt`` full-state checkpoints with exact resume, metrics as JSONL + CSV.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import OptimConfig
+from ..data.base import ModalityData
+from ..data.pairing import PairingSampler
+from ..errors import DataError, NumericalError
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .strategies import STRATEGIES
+
+
+def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
+    """Learning rate at ``step`` (0-based): linear from min_lr to base_lr over ``warmup``
+    steps, then cosine from base_lr down to min_lr at ``total``."""
+    if warmup > 0 and step < warmup:
+        return min_lr + (base_lr - min_lr) * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device="cpu",
+             batch_size: int = 1024) -> tuple[float, float]:
+    """Accuracy in [0, 1] and mean cross-entropy of ``model`` (logits) on (x [N, ...], y [N])."""
+    was = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        logits = model(xb)
+        correct += int((logits.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+    model.train(was)
+    return correct / max(1, len(y)), loss / max(1, len(y))
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    val_acc: float
+    test_acc: float           # at the best validation epoch
+    last_val_acc: float
+    last_test_acc: float
+    epochs: int
+    seconds: float
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Train ``distiller`` on batches from ``sampler``; evaluate its student on ``data`` splits.
+
+    Args:
+        distiller: a :class:`~ucmkd.methods.Distiller`.
+        sampler: a :class:`~ucmkd.data.PairingSampler`.
+        data: the student modality (its ``val``/``test`` splits are evaluated).
+        optim: optimiser/schedule config.
+        run_dir: where checkpoints and metrics go (None: keep nothing on disk).
+        config_hash: identifies the run; a ``latest.pt`` from another config is not resumed.
+    """
+
+    def __init__(self, distiller, sampler: PairingSampler, data: ModalityData, optim: OptimConfig,
+                 run_dir: Optional[Path] = None, config_hash: str = "", device: str = "cpu",
+                 progress: bool = False, desc: str = ""):
+        self.distiller = distiller.to(device)
+        self.sampler, self.data, self.optim = sampler, data, optim
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.config_hash, self.device, self.progress, self.desc = config_hash, device, progress, desc
+        self.optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=optim.lr,
+                                           weight_decay=optim.weight_decay)
+        self.strategy = STRATEGIES.get(distiller.strategy)(distiller, self.optimizer, optim.clip_norm)
+        self.total_steps = optim.epochs * len(sampler)
+        self.warmup_steps = optim.warmup_epochs * len(sampler)
+        self.step_count = 0
+        self.epoch = 0                 # epochs completed
+        self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": float("inf"), "test_acc": float("nan")}
+        self.history: list = []
+        self._eval = {s: data.split(s) for s in ("val", "test")}
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        return {"model": self.distiller.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch, "step": self.step_count, "best": dict(self.best),
+                "history": list(self.history), "config_hash": self.config_hash, "rng": rng_state()}
+
+    def load_state(self, st: dict, source: str = "checkpoint") -> None:
+        if self.config_hash and st.get("config_hash") != self.config_hash:
+            raise DataError(f"{source}: written by a different config ({st.get('config_hash')} != "
+                            f"{self.config_hash}); use a fresh run directory")
+        self.distiller.load_trainable_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.epoch, self.step_count = st["epoch"], st["step"]
+        self.best, self.history = dict(st["best"]), list(st["history"])
+        set_rng_state(st["rng"])
+
+    def maybe_resume(self) -> bool:
+        if self.run_dir is None or not (self.run_dir / "latest.pt").is_file():
+            return False
+        path = self.run_dir / "latest.pt"
+        self.load_state(load_checkpoint(path), str(path))
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _set_lr(self) -> float:
+        lr = warmup_cosine(self.step_count, self.total_steps, self.warmup_steps, self.optim.lr, self.optim.min_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def fit(self, stop_after: Optional[int] = None) -> FitResult:
+        """Train up to ``optim.epochs`` (resuming from ``latest.pt`` if present); ``stop_after``
+        stops after that many epochs in total (to simulate an interruption)."""
+        t0 = time.time()
+        self.maybe_resume()
+        end = self.optim.epochs if stop_after is None else min(stop_after, self.optim.epochs)
+        bar = tqdm(range(self.epoch, end), desc=self.desc or self.distiller.name, leave=False,
+                   disable=not self.progress, initial=self.epoch, total=self.optim.epochs)
+        for ep in bar:
+            self.distiller.train()
+            sums: dict = {}
+            for step, batch in enumerate(self.sampler.epoch(ep)):
+                lr = self._set_lr()
+                try:
+                    logs = self.strategy.step(batch.to(self.device))
+                except NumericalError as e:
+                    where = f"epoch {ep}, step {step}"
+                    keep = (f"; the last good state is {self.run_dir / 'latest.pt'} (epoch {self.epoch})"
+                            if self.run_dir is not None and self.epoch > 0 else "")
+                    raise NumericalError(f"{self.desc or self.distiller.name}: {e} at {where}{keep}") from None
+                self.step_count += 1
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            self.epoch = ep + 1
+            val_acc, val_loss = evaluate(self.distiller.student, *self._eval["val"], self.device)
+            test_acc, _ = evaluate(self.distiller.student, *self._eval["test"], self.device)
+            row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()},
+                   "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+            self.history.append(row)
+            improved = (val_acc, -val_loss) > (self.best["val_acc"], -self.best["val_loss"])
+            if improved:
+                self.best = {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+            self._persist(improved)
+            bar.set_postfix(val=f"{val_acc:.3f}", best=f"{self.best['val_acc']:.3f}")
+        bar.close()
+        last = self.history[-1] if self.history else {"val_acc": float("nan"), "test_acc": float("nan")}
+        return FitResult(best_epoch=self.best["epoch"], val_acc=self.best["val_acc"], test_acc=self.best["test_acc"],
+                         last_val_acc=last["val_acc"], last_test_acc=last["test_acc"], epochs=self.epoch,
+                         seconds=time.time() - t0, history=list(self.history))
+
+    def _persist(self, improved: bool) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = self.state()
+        save_checkpoint(state, self.run_dir / "latest.pt")
+        if improved:
+            save_checkpoint({"model": state["model"], "best": state["best"], "config_hash": self.config_hash},
+                            self.run_dir / "best.pt")
+        with open(self.run_dir / "metrics.jsonl", "w") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+        keys = sorted({k for row in self.history for k in row}, key=lambda k: (k != "epoch", k))
+        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.history)

@@ -1,0 +1,95 @@
+"""``ucmkd run``: a grid of methods x seeds x directions over one base config."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .api import load_pair, run
+from .config import ExperimentConfig, RunConfig, deep_merge, from_dict, parse_overrides, save_config
+from .engine import get_teacher
+from .errors import ConfigError
+from .methods import METHODS
+from .report import markdown_table, plot, summarise, write_csv
+
+
+def apply_quick(exp: ExperimentConfig) -> ExperimentConfig:
+    """Apply the experiment's ``quick`` dotted overrides (a ~1-minute smoke version)."""
+    if not exp.quick:
+        return exp
+    data = deep_merge(asdict(exp), parse_overrides([f"{k}={json.dumps(v)}" for k, v in exp.quick.items()]))
+    data["quick"] = {}
+    return from_dict(ExperimentConfig, data, "experiment")
+
+
+def run_config_for(exp: ExperimentConfig, teacher: str, student: str, method: str, seed: int) -> RunConfig:
+    cfg = copy.deepcopy(exp.base)
+    cfg.data.teacher, cfg.data.student = teacher, student
+    cfg.method.name = method
+    cfg.method.params = dict(exp.method_params.get(method, {}))
+    cfg.seed = seed
+    return cfg
+
+
+def validate_experiment(exp: ExperimentConfig) -> None:
+    for m in exp.methods:
+        METHODS.get(m)
+    for m in exp.method_params:
+        if m not in exp.methods:
+            raise ConfigError(f"method_params names {m!r}, which is not in methods {exp.methods}")
+        METHODS.get(m).parse_params(exp.method_params[m])
+    for d in exp.directions:
+        if not (isinstance(d, (list, tuple)) and len(d) == 2):
+            raise ConfigError(f"directions: each entry must be [teacher, student], got {d!r}")
+    if not exp.seeds:
+        raise ConfigError("seeds: give at least one seed")
+
+
+def run_experiment(exp: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
+                   log=print) -> dict:
+    """Run the grid, write ``results.csv``, ``table.md``, ``plot.png`` and ``experiment.yaml``
+    to ``out_dir``; finished runs found there are reused. Returns {results, rows, table}."""
+    validate_experiment(exp)
+    out = Path(out_dir or exp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(exp, out / "experiment.yaml")
+    results = []
+    t_start = time.time()
+    cells = [(t, s, m, k) for t, s in exp.directions for m in exp.methods for k in exp.seeds]
+    bar = tqdm(cells, desc=exp.name, disable=not progress)
+    teachers: dict = {}
+    for t, s, m, k in bar:
+        cfg = run_config_for(exp, t, s, m, k)
+        if (t, s) not in teachers:
+            student_data, teacher_data = load_pair(cfg)
+            bar.set_description(f"{exp.name}: teacher {t}")
+            teacher, info = get_teacher(cfg, teacher_data, progress=False)
+            log(f"teacher {t}: test acc {100 * info['test_acc']:.1f}% (val {100 * info['val_acc']:.1f}%), "
+                f"cached at {info['path']}")
+            teachers[(t, s)] = (student_data, teacher_data, teacher, info)
+        student_data, teacher_data, teacher, info = teachers[(t, s)]
+        bar.set_description(f"{exp.name}: {m} {t}->{s} seed {k}")
+        run_dir = out / "runs" / f"{_safe(t)}--{_safe(s)}" / m / f"seed{k}"
+        res = run(cfg, run_dir=run_dir, student=student_data, teacher_data=teacher_data, teacher=teacher,
+                  teacher_info=info)
+        res.pop("distiller", None)
+        res["teacher_test_acc"] = info["test_acc"]
+        results.append(res)
+    bar.close()
+    rows = summarise(results)
+    table = markdown_table(rows, exp.methods)
+    write_csv(results, out / "results.csv")
+    (out / "table.md").write_text(table + "\n")
+    plot(rows, out / "plot.png", exp.methods, title=exp.name)
+    log(table)
+    log(f"\n{len(results)} runs in {time.time() - t_start:.0f} s; results in {out}/ "
+        f"(results.csv, table.md, plot.png)")
+    return {"results": results, "rows": rows, "table": table, "out_dir": str(out)}
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "-").replace(":", "-")

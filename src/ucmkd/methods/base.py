@@ -1,0 +1,129 @@
+"""The distiller interface: one small class per method.
+
+A distiller receives a student batch and a teacher-modality batch (:class:`~ucmkd.data.Batch`,
+two modalities, not one paired batch) and returns the student logits and a dict of named,
+already-weighted losses; the trained objective is their sum. How to step (plain or bilevel)
+is the trainer's business (:mod:`ucmkd.engine.strategies`), chosen by ``strategy``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import from_dict
+from ..data.pairing import Batch
+from ..errors import ConfigError
+from ..models import Classifier, make_projector
+from ..registry import Registry
+
+METHODS: Registry[type] = Registry("method")
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Distiller` subclass under ``name``."""
+
+    def deco(cls):
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return deco
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+@dataclass
+class DistillOutput:
+    """logits: student logits on ``batch.xs`` [B, K]; losses: name -> weighted scalar."""
+
+    logits: torch.Tensor
+    losses: dict
+
+    @property
+    def total(self) -> torch.Tensor:
+        return sum(self.losses.values())
+
+
+class Distiller(nn.Module):
+    """Owns the student (trainable), the frozen teacher (always in eval mode) and any extra
+    trainable modules (``self.extra``, e.g. a projector).
+
+    Class attributes a method sets:
+        Params: dataclass of its hyperparameters (validated from ``method.params``).
+        uses_teacher: needs a teacher batch and a trained teacher.
+        uses_unlabelled: consumes ``batch.xu`` (unlabelled student items).
+        needs_pairs: only meaningful with ``pairing.mode: paired``.
+        strategy: ``"standard"`` or ``"bilevel"`` (:data:`ucmkd.engine.strategies.STRATEGIES`).
+    """
+
+    name = "base"
+    Params: type = NoParams
+    uses_teacher = True
+    uses_unlabelled = False
+    needs_pairs = False
+    strategy = "standard"
+
+    def __init__(self, student: Classifier, teacher: Optional[Classifier] = None, params=None):
+        super().__init__()
+        if self.uses_teacher and teacher is None:
+            raise ConfigError(f"method {self.name!r} needs a teacher")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.params = params if params is not None else self.Params()
+        self.extra = nn.ModuleDict()
+        if teacher is not None and student.feat_dim != teacher.feat_dim:
+            self.extra["projector"] = make_projector(student.feat_dim, teacher.feat_dim)
+
+    @classmethod
+    def parse_params(cls, params: dict):
+        return from_dict(cls.Params, params or {}, "method.params")
+
+    # -- helpers shared by methods ------------------------------------------------------
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Student features [B, d_s] -> teacher feature space [B, d_t]."""
+        return self.extra["projector"](z) if "projector" in self.extra else z
+
+    @torch.no_grad()
+    def teacher_forward(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher features [B, d_t] and logits [B, K] (no gradient)."""
+        if xt is None:
+            raise ConfigError(f"method {self.name!r} needs a teacher batch; the sampler gave none")
+        return self.teacher(xt, return_features=True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.student.parameters()) + list(self.extra.parameters())
+
+    def trainable_state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "extra": self.extra.state_dict()}
+
+    def load_trainable_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.extra.load_state_dict(state["extra"])
+
+    def forward(self, batch: Batch) -> DistillOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def build_distiller(name: str, student: Classifier, teacher: Optional[Classifier], params: dict | None = None):
+    """Instantiate registered method ``name`` with validated ``params``."""
+    cls = METHODS.get(name)
+    return cls(student, teacher, cls.parse_params(params or {}))
+
+
+def params_dict(params) -> dict:
+    return dataclasses.asdict(params)

@@ -1,0 +1,97 @@
+"""Summaries of a results grid: mean +- std over seeds, paired-by-seed deltas, tables, plots."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+CSV_FIELDS = ["teacher", "student", "method", "seed", "test_acc", "val_acc", "best_epoch", "last_test_acc",
+              "teacher_test_acc", "seconds", "key", "run_dir"]
+
+
+def direction_label(teacher: str, student: str) -> str:
+    return f"{teacher} -> {student}"
+
+
+def summarise(results: list[dict], baseline: str = "ce") -> list[dict]:
+    """One row per (teacher, student, method): n, mean/std test acc, paired delta vs ``baseline``
+    (mean/std over the seeds both ran), teacher acc, mean seconds per run. Accuracies in %."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["teacher"], r["student"], r["method"]), {})[r["seed"]] = r
+    rows = []
+    for (t, s, m), by_seed in groups.items():
+        acc = np.array([100 * by_seed[k]["test_acc"] for k in sorted(by_seed)])
+        base = groups.get((t, s, baseline), {})
+        common = sorted(set(by_seed) & set(base))
+        deltas = np.array([100 * (by_seed[k]["test_acc"] - base[k]["test_acc"]) for k in common])
+        rows.append({
+            "teacher": t, "student": s, "method": m, "n": len(acc),
+            "acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "delta_mean": float(deltas.mean()) if len(deltas) else math.nan,
+            "delta_std": float(deltas.std(ddof=1)) if len(deltas) > 1 else 0.0,
+            "teacher_acc": 100 * float(np.nanmean([r["teacher_test_acc"] for r in by_seed.values()])),
+            "seconds": float(np.mean([r["seconds"] for r in by_seed.values()])),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict], method_order: list[str] | None = None, baseline: str = "ce") -> str:
+    order = {m: i for i, m in enumerate(method_order or [])}
+    rows = sorted(rows, key=lambda r: (r["teacher"], r["student"], order.get(r["method"], 99), r["method"]))
+    out = ["| teacher -> student | method | student test acc % (mean +- std) | "
+           f"delta vs {baseline} (pp, paired by seed) | teacher test acc % | s/run | seeds |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ta = "-" if math.isnan(r["teacher_acc"]) else f"{r['teacher_acc']:.1f}"
+        if r["method"] == baseline or math.isnan(r["delta_mean"]):
+            delta = "-"
+        else:
+            delta = f"{r['delta_mean']:+.1f} +- {r['delta_std']:.1f}"
+        out.append(f"| {direction_label(r['teacher'], r['student'])} | {r['method']} | "
+                   f"{r['acc_mean']:.1f} +- {r['acc_std']:.1f} | {delta} | {ta} | {r['seconds']:.1f} | {r['n']} |")
+    return "\n".join(out)
+
+
+def write_csv(results: list[dict], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow(r)
+
+
+def plot(rows: list[dict], path: str | Path, method_order: list[str] | None = None, title: str = "") -> None:
+    """Grouped bars (one group per direction): mean test accuracy with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dirs = sorted({(r["teacher"], r["student"]) for r in rows})
+    methods = method_order or sorted({r["method"] for r in rows})
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(dirs) * len(methods) / 3), 4))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        means, stds = [], []
+        for d in dirs:
+            r = next((r for r in rows if (r["teacher"], r["student"]) == d and r["method"] == m), None)
+            means.append(r["acc_mean"] if r else np.nan)
+            stds.append(r["acc_std"] if r else 0)
+        ax.bar(np.arange(len(dirs)) + (j - (len(methods) - 1) / 2) * width, means, width, yerr=stds,
+               capsize=3, label=m)
+    for i, d in enumerate(dirs):
+        t = next(r["teacher_acc"] for r in rows if (r["teacher"], r["student"]) == d)
+        if not math.isnan(t):
+            ax.hlines(t, i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
+    ax.set_xticks(np.arange(len(dirs)))
+    ax.set_xticklabels([f"{t}\n-> {s}" for t, s in dirs], fontsize=8)
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(title + " (dashed: teacher accuracy)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
