@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 0.05
@@ -122,6 +122,9 @@ class ExperimentConfig:
     base: RunConfig = field(default_factory=RunConfig)
     methods: list = field(default_factory=lambda: ["ce", "ce-ls", "kd", "ucmkd-joint", "ucmkd-bilevel"])
     method_params: dict = field(default_factory=dict)   # method name -> params override
+    # label -> {method: NAME, params: {...}, overrides: {dotted.key: value}}; a label may be
+    # listed in ``methods`` like a method name (e.g. a paired-data oracle: kd with pairing.mode=paired)
+    variants: dict = field(default_factory=dict)
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     directions: list = field(default_factory=lambda: [["digits/image", "digits/signal"],
                                                       ["digits/signal", "digits/image"]])

@@ -1,7 +1,6 @@
 """``ucmkd run``: a grid of methods x seeds x directions over one base config."""
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict
@@ -26,18 +25,34 @@ def apply_quick(exp: ExperimentConfig) -> ExperimentConfig:
     return from_dict(ExperimentConfig, data, "experiment")
 
 
-def run_config_for(exp: ExperimentConfig, teacher: str, student: str, method: str, seed: int) -> RunConfig:
-    cfg = copy.deepcopy(exp.base)
-    cfg.data.teacher, cfg.data.student = teacher, student
-    cfg.method.name = method
-    cfg.method.params = dict(exp.method_params.get(method, {}))
-    cfg.seed = seed
-    return cfg
+VARIANT_KEYS = {"method", "params", "overrides"}
+
+
+def run_config_for(exp: ExperimentConfig, teacher: str, student: str, label: str, seed: int) -> RunConfig:
+    """The run config of grid cell (direction, method or variant ``label``, seed)."""
+    base = asdict(exp.base)
+    var = exp.variants.get(label)
+    if var is not None:
+        overrides = var.get("overrides") or {}
+        base = deep_merge(base, parse_overrides([f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+        method, params = var["method"], dict(var.get("params") or {})
+    else:
+        method, params = label, dict(exp.method_params.get(label, {}))
+    base["data"].update(teacher=teacher, student=student)
+    base["method"] = {"name": method, "params": params}
+    base["seed"] = seed
+    return from_dict(RunConfig, base, f"variant {label}" if var is not None else "base")
 
 
 def validate_experiment(exp: ExperimentConfig) -> None:
+    for label, var in exp.variants.items():
+        if not isinstance(var, dict) or "method" not in var or set(var) - VARIANT_KEYS:
+            raise ConfigError(f"variants.{label}: expected a mapping with 'method' and optional "
+                              f"'params', 'overrides'; got {var!r}")
+        METHODS.get(var["method"]).parse_params(var.get("params") or {})
     for m in exp.methods:
-        METHODS.get(m)
+        if m not in exp.variants:
+            METHODS.get(m)
     for m in exp.method_params:
         if m not in exp.methods:
             raise ConfigError(f"method_params names {m!r}, which is not in methods {exp.methods}")
@@ -77,6 +92,7 @@ def run_experiment(exp: ExperimentConfig, out_dir: str | Path | None = None, pro
         res = run(cfg, run_dir=run_dir, student=student_data, teacher_data=teacher_data, teacher=teacher,
                   teacher_info=info)
         res.pop("distiller", None)
+        res["method"] = m
         res["teacher_test_acc"] = info["test_acc"]
         results.append(res)
     bar.close()

@@ -139,8 +139,10 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     tr = x[splits["train"]]
     mean, std = tr.mean(), tr.std().clamp_min(1e-8)
     x = (x - mean) / std
-    pid = None if raw.pair_id is None else torch.as_tensor(raw.pair_id, dtype=torch.long)
-    return ModalityData(name=name, kind=raw.kind, x=x, y=torch.as_tensor(raw.y, dtype=torch.long),
+    # copies (torch.tensor, not as_tensor): builders may return memoised arrays (synthetic's
+    # lru_cache), which an in-place edit of one loaded modality must not corrupt
+    pid = None if raw.pair_id is None else torch.tensor(raw.pair_id, dtype=torch.long)
+    return ModalityData(name=name, kind=raw.kind, x=x, y=torch.tensor(raw.y, dtype=torch.long),
                         classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,
                         meta={"norm_mean": float(mean), "norm_std": float(std)})
 

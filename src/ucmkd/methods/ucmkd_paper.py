@@ -22,7 +22,7 @@ class OTParams:
     metric: str = "cosine"      # cosine | chordal | l2 | l1
     eps: float = 0.1            # entropic regularisation
     n_iter: int = 100           # Sinkhorn iterations
-    backend: str = "torch"      # torch (log-domain, same iterations as POT) | pot | geomloss
+    backend: str = "pot"        # pot (ot.sinkhorn2, the authors' call) | torch (log-domain, underflow-proof) | geomloss
     grad: str = "autodiff"      # autodiff (the authors') | detach
 
 

@@ -1,0 +1,13 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test uses a private cache dir unless it sets its own (never ~/.cache)."""
+    if "UCMKD_CACHE" not in os.environ:
+        monkeypatch.setenv("UCMKD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,275 @@
+"""The user-facing error contract: every failure is a ConfigError/DataError naming what is at
+fault, and the CLI turns it into exit code 2 with the message on stderr."""
+import numpy as np
+import pytest
+import torch
+
+from ucmkd.api import run
+from ucmkd.cli import builtin_experiments, main
+from ucmkd.config import DataConfig, ModelConfig, RunConfig, SyntheticConfig, load_config
+from ucmkd.data import load_modality
+from ucmkd.engine import load_checkpoint, load_teacher, save_checkpoint
+from ucmkd.engine.teacher import build_teacher_model
+from ucmkd.errors import ConfigError, DataError, UcmkdError
+from ucmkd.losses.ot import FeatureAlignmentLoss
+from ucmkd.methods import METHODS, build_distiller
+from ucmkd.models import build_classifier
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    return DataConfig(mnist1d_samples=600, cache_dir=str(tmp_path / "cache"),
+                      synthetic=SyntheticConfig(n_items=200))
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_error_hierarchy():
+    assert issubclass(ConfigError, UcmkdError) and issubclass(DataError, UcmkdError)
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
+
+
+# --------------------------------------------------------------------------- unknown names
+def test_unknown_dataset_lists_known(small_data):
+    with pytest.raises(ConfigError) as ei:
+        load_modality("nope/x", small_data)
+    msg = str(ei.value)
+    assert "nope/x" in msg
+    for known in ("digits/image", "digits/signal", "synthetic/a", "synthetic/b"):
+        assert known in msg
+
+
+def test_cli_unknown_dataset(capsys, tmp_path):
+    code, out, err = cli(capsys, "train", "--no-progress", "data.student=nope/x",
+                         f"data.cache_dir={tmp_path}")
+    assert code == 2
+    assert "nope/x" in err and "digits/image" in err
+    assert err.startswith("ucmkd: error:")
+    assert "Traceback" not in err
+
+
+def test_unknown_method():
+    with pytest.raises(ConfigError) as ei:
+        run(load_config(RunConfig, None, ["method.name=nope"]))
+    assert "'nope'" in str(ei.value)
+    for m in ("ce", "kd", "ucmkd-joint"):
+        assert m in str(ei.value)
+
+
+def test_cli_unknown_method(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "method.name=nope", f"data.cache_dir={tmp_path}")
+    assert code == 2 and "nope" in err and "method" in err
+
+
+def test_unknown_ot_metric_in_loss():
+    with pytest.raises(ConfigError) as ei:
+        FeatureAlignmentLoss(metric="l3")
+    assert "l3" in str(ei.value) and "cosine" in str(ei.value)
+
+
+def test_unknown_ot_metric_via_method_params():
+    teacher = build_classifier((1, 8, 8), "image", 10, width=4, feat_dim=8)
+    student = build_classifier((1, 40), "signal", 10, width=4, feat_dim=8)
+    with pytest.raises(ConfigError) as ei:
+        build_distiller("ucmkd-joint", student, teacher, {"metric": "l3"})
+    assert "l3" in str(ei.value)
+    # the same through config overrides (validated before any data is loaded)
+    cfg = load_config(RunConfig, None, ["method.name=ucmkd-joint", "method.params.metric=l3"])
+    with pytest.raises(ConfigError, match="l3"):
+        build_distiller(cfg.method.name, student, teacher, cfg.method.params)
+
+
+def test_unknown_method_param(tmp_path):
+    cfg = load_config(RunConfig, None, ["method.name=kd", "method.params.foo=1",
+                                        f"data.cache_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as ei:
+        run(cfg)
+    assert "method.params.foo" in str(ei.value)
+    with pytest.raises(ConfigError, match="method.params.foo"):
+        METHODS.get("ucmkd-joint").parse_params({"foo": 1})
+
+
+def test_wrong_method_param_type():
+    with pytest.raises(ConfigError, match="method.params.w_fa"):
+        METHODS.get("ucmkd-joint").parse_params({"w_fa": "lots"})
+
+
+def test_cli_unknown_method_param(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "method.params.foo=1", f"data.cache_dir={tmp_path}")
+    assert code == 2 and "method.params.foo" in err
+
+
+def test_cli_bad_override_and_unknown_field(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "optim.lr")
+    assert code == 2 and "optim.lr" in err
+    code, _, err = cli(capsys, "train", "optim.lrr=1")
+    assert code == 2 and "optim.lrr" in err
+    missing = tmp_path / "nope.yaml"
+    code, _, err = cli(capsys, "train", "--config", str(missing))
+    assert code == 2 and str(missing) in err
+
+
+# --------------------------------------------------------------------------- label sets
+def test_label_sets_differ_between_modalities(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    pa = tmp_path / "student.npz"
+    pb = tmp_path / "teacher.npz"
+    np.savez(pa, x=rng.normal(size=(60, 4)).astype(np.float32), y=y, classes=np.array(["cat", "dog", "fox"]))
+    np.savez(pb, x=rng.normal(size=(60, 6)).astype(np.float32), y=y, classes=np.array(["cat", "dog", "owl"]))
+    cfg = load_config(RunConfig, None, [f"data.student=npz:{pa}", f"data.teacher=npz:{pb}",
+                                        f"data.cache_dir={tmp_path}", "method.name=kd"])
+    with pytest.raises(DataError) as ei:
+        run(cfg)
+    msg = str(ei.value)
+    assert f"npz:{pa}" in msg and f"npz:{pb}" in msg
+    assert "fox" in msg and "owl" in msg
+    # a teacher-free method still loads the pair, and still refuses
+    cfg.method.name = "ce"
+    with pytest.raises(DataError, match="label sets differ"):
+        run(cfg)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_missing_checkpoint(tmp_path):
+    p = tmp_path / "nope.pt"
+    with pytest.raises(DataError) as ei:
+        load_checkpoint(p)
+    assert str(p) in str(ei.value)
+
+
+def test_unreadable_checkpoint(tmp_path):
+    p = tmp_path / "garbage.pt"
+    p.write_bytes(b"not a torch file")
+    with pytest.raises(DataError) as ei:
+        load_checkpoint(p)
+    assert str(p) in str(ei.value)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    p = tmp_path / "sub" / "ck.pt"
+    save_checkpoint({"a": torch.arange(3), "b": "x"}, p)
+    st = load_checkpoint(p)
+    assert torch.equal(st["a"], torch.arange(3)) and st["b"] == "x"
+    assert not list(p.parent.glob("*.tmp"))
+
+
+@pytest.fixture
+def teacher_setup(small_data):
+    cfg = RunConfig(data=small_data, model=ModelConfig(teacher_width=8, teacher_feat_dim=8))
+    data = load_modality("synthetic/a", small_data)
+    return cfg, data
+
+
+def test_load_teacher_missing_file(tmp_path, teacher_setup):
+    cfg, data = teacher_setup
+    p = tmp_path / "nope.pt"
+    with pytest.raises(DataError) as ei:
+        load_teacher(p, cfg, data)
+    assert str(p) in str(ei.value)
+
+
+def test_load_teacher_round_trip(tmp_path, teacher_setup):
+    cfg, data = teacher_setup
+    model = build_teacher_model(cfg, data)
+    p = tmp_path / "teacher.pt"
+    save_checkpoint({"model": model.state_dict(), "info": {"test_acc": 0.5}}, p)
+    loaded, info = load_teacher(p, cfg, data)
+    assert info == {"test_acc": 0.5}
+    assert not loaded.training
+    assert not any(q.requires_grad for q in loaded.parameters())
+    x = data.x[:4]
+    assert torch.allclose(loaded(x), model.eval()(x))
+
+
+def test_load_teacher_wrong_width(tmp_path, teacher_setup):
+    cfg, data = teacher_setup
+    wide = RunConfig(data=cfg.data, model=ModelConfig(teacher_width=16, teacher_feat_dim=8))
+    p = tmp_path / "teacher.pt"
+    save_checkpoint({"model": build_teacher_model(wide, data).state_dict(), "info": {}}, p)
+    with pytest.raises(DataError) as ei:
+        load_teacher(p, cfg, data)
+    assert str(p) in str(ei.value)
+    assert "do not fit" in str(ei.value)
+
+
+def test_load_teacher_other_modality(tmp_path, small_data, teacher_setup):
+    """A teacher trained on another modality (other input size) does not fit either."""
+    cfg, data = teacher_setup
+    other = load_modality("synthetic/b", small_data)
+    p = tmp_path / "teacher.pt"
+    save_checkpoint({"model": build_teacher_model(cfg, other).state_dict(), "info": {}}, p)
+    with pytest.raises(DataError, match="teacher.pt"):
+        load_teacher(p, cfg, data)
+
+
+def test_load_teacher_not_a_teacher_checkpoint(tmp_path, teacher_setup):
+    cfg, data = teacher_setup
+    p = tmp_path / "other.pt"
+    save_checkpoint({"weights": {}}, p)
+    with pytest.raises(DataError) as ei:
+        load_teacher(p, cfg, data)
+    assert str(p) in str(ei.value)
+
+
+# --------------------------------------------------------------------------- shapes
+def test_wrong_input_shape_to_model():
+    model = build_classifier((1, 8, 8), "image", 10, width=4, feat_dim=8)
+    with pytest.raises(DataError) as ei:
+        model(torch.zeros(4, 1, 40))
+    msg = str(ei.value)
+    assert "1, 8, 8" in msg and "[4, 1, 40]" in msg
+    with pytest.raises(DataError):
+        model.features(torch.zeros(4, 1, 8, 9))
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_backbone_kind_mismatch_is_a_config_error():
+    with pytest.raises(ConfigError, match="cnn2d"):
+        build_classifier((1, 40), "signal", 10, backbone="cnn2d")
+    with pytest.raises(ConfigError, match="backbone 'resnet9000'"):
+        build_classifier((1, 40), "signal", 10, backbone="resnet9000")
+
+
+# --------------------------------------------------------------------------- CLI
+def test_cli_unknown_experiment(capsys):
+    code, _, err = cli(capsys, "run", "nope")
+    assert code == 2
+    assert "nope" in err
+    for name in builtin_experiments():
+        assert name in err
+
+
+def test_cli_missing_experiment_yaml(capsys, tmp_path):
+    p = tmp_path / "missing.yaml"
+    code, _, err = cli(capsys, "run", str(p))
+    assert code == 2 and str(p) in err
+
+
+def test_cli_run_bad_override(capsys):
+    code, _, err = cli(capsys, "run", "digits", "seedz=[0]")
+    assert code == 2 and "seedz" in err
+
+
+def test_cli_list(capsys):
+    code, out, err = cli(capsys, "list")
+    assert code == 0
+    assert err == ""
+    methods_line = next(line for line in out.splitlines() if line.startswith("methods:"))
+    for m in METHODS.names():
+        assert m in methods_line
+    for word in ("digits/image", "synthetic/a", "npz:PATH", "cosine", "digits", "synthetic"):
+        assert word in out
+
+
+def test_cli_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main([])
+    assert ei.value.code == 2
+    with pytest.raises(SystemExit) as ei:
+        main(["frobnicate"])
+    assert ei.value.code == 2
