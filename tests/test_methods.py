@@ -40,7 +40,7 @@ def test_method_contract(name, student_feat):
         t_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
     out = d(batch)
     assert out.logits.shape == (10, 3)
-    assert out.losses and all(math.isfinite(float(v)) for v in out.losses.values())
+    assert out.losses and all(math.isfinite(float(v.detach())) for v in out.losses.values())
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
     strat = STRATEGIES.get(d.strategy)(d, opt, 5.0)
     logs = strat.step(batch)

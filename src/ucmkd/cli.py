@@ -118,7 +118,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may stand anywhere after the sub-command, also after options
+    overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+    rest = [a for i, a in enumerate(argv) if i == 0 or a not in overrides]
+    args = make_parser().parse_args(rest)
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
     try:
         return args.fn(args)
     except UcmkdError as e:
