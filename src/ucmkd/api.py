@@ -77,6 +77,7 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
     if method_cls.uses_teacher and teacher is None:
         teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
+    diag_teacher = teacher if teacher_data is not None else None   # also measures teacher-free methods
     if not method_cls.uses_teacher:
         teacher = None
     seed_everything(cfg.seed)
@@ -93,15 +94,24 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
                       device=cfg.device, progress=progress, desc=desc)
     t0 = time.time()
     fit = trainer.fit()
+    trainer.restore_best()
+    diag = {}
+    if diag_teacher is not None:
+        from .diagnostics import alignment_diagnostics
+
+        proj = distiller.extra["projector"] if "projector" in distiller.extra else None
+        diag = alignment_diagnostics(model, diag_teacher, student, teacher_data, projector=proj,
+                                     seed=cfg.seed, device=cfg.device)
     result = {
         "method": cfg.method.name, "seed": cfg.seed, "teacher": cfg.data.teacher, "student": cfg.data.student,
         "test_acc": fit.test_acc, "val_acc": fit.val_acc, "best_epoch": fit.best_epoch,
         "last_test_acc": fit.last_test_acc, "epochs": fit.epochs,
         "teacher_test_acc": (teacher_info or {}).get("test_acc", float("nan")),
         "seconds": time.time() - t0, "sampler": sampler.summary(),
+        **{f"diag_{k}": v for k, v in diag.items()},
         "params": asdict(params), "run_dir": str(run_dir) if run_dir else None, "key": key,
     }
     if run_dir is not None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    result["distiller"] = distiller
+    result["distiller"] = distiller   # holds the best-validation student; not in result.json
     return result

@@ -13,7 +13,7 @@ from .config import ExperimentConfig, RunConfig, deep_merge, from_dict, parse_ov
 from .engine import get_teacher
 from .errors import ConfigError
 from .methods import METHODS
-from .report import markdown_table, plot, summarise, write_csv
+from .report import diagnostics_table, markdown_table, plot, summarise, write_csv
 
 
 def apply_quick(exp: ExperimentConfig) -> ExperimentConfig:
@@ -96,6 +96,10 @@ def run_experiment(exp: ExperimentConfig, out_dir: str | Path | None = None, pro
     bar.close()
     rows = summarise(results)
     table = markdown_table(rows, exp.methods)
+    diag = diagnostics_table(results, exp.methods)
+    if diag:
+        table += ("\n\nAlignment diagnostics (validation split, best-validation student; "
+                  "see ucmkd.diagnostics):\n\n" + diag)
     write_csv(results, out / "results.csv")
     (out / "table.md").write_text(table + "\n")
     plot(rows, out / "plot.png", exp.methods, title=exp.name)

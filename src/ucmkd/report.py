@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+DIAG_FIELDS = ["diag_fa", "diag_fa_classwise", "diag_teacher_head_acc", "diag_la_tv"]
 CSV_FIELDS = ["teacher", "student", "method", "seed", "test_acc", "val_acc", "best_epoch", "last_test_acc",
-              "teacher_test_acc", "seconds", "key", "run_dir"]
+              "teacher_test_acc", "seconds", *DIAG_FIELDS, "key", "run_dir"]
 
 
 def direction_label(teacher: str, student: str) -> str:
@@ -52,6 +53,24 @@ def markdown_table(rows: list[dict], method_order: list[str] | None = None, base
             delta = f"{r['delta_mean']:+.1f} +- {r['delta_std']:.1f}"
         out.append(f"| {direction_label(r['teacher'], r['student'])} | {r['method']} | "
                    f"{r['acc_mean']:.1f} +- {r['acc_std']:.1f} | {delta} | {ta} | {r['seconds']:.1f} | {r['n']} |")
+    return "\n".join(out)
+
+
+def diagnostics_table(results: list[dict], method_order: list[str] | None = None) -> str:
+    """Mean over seeds of the alignment diagnostics (:mod:`ucmkd.diagnostics`) per cell."""
+    order = {m: i for i, m in enumerate(method_order or [])}
+    groups: dict = {}
+    for r in results:
+        if any(k in r for k in DIAG_FIELDS):
+            groups.setdefault((r["teacher"], r["student"], r["method"]), []).append(r)
+    if not groups:
+        return ""
+    out = ["| teacher -> student | method | FA (OT cost) | FA class-wise | teacher-head acc on student features % "
+           "| LA (TV teacher vs student head) |", "|---|---|---|---|---|---|"]
+    for (t, s, m), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 99))):
+        v = {k: float(np.nanmean([r.get(k, math.nan) for r in rs])) for k in DIAG_FIELDS}
+        out.append(f"| {direction_label(t, s)} | {m} | {v['diag_fa']:.3f} | {v['diag_fa_classwise']:.3f} | "
+                   f"{100 * v['diag_teacher_head_acc']:.1f} | {v['diag_la_tv']:.3f} |")
     return "\n".join(out)
 
 

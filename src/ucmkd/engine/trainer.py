@@ -63,6 +63,10 @@ class FitResult:
     history: list = field(default_factory=list)
 
 
+def _clone_state(state: dict) -> dict:
+    return {k: {n: t.detach().clone() for n, t in v.items()} for k, v in state.items()}
+
+
 class Trainer:
     """Train ``distiller`` on batches from ``sampler``; evaluate its student on ``data`` splits.
 
@@ -91,6 +95,7 @@ class Trainer:
         self.epoch = 0                 # epochs completed
         self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": float("inf"), "test_acc": float("nan")}
         self.history: list = []
+        self.best_state: Optional[dict] = None
         self._eval = {s: data.split(s) for s in ("val", "test")}
 
     # ------------------------------------------------------------------ state
@@ -155,6 +160,7 @@ class Trainer:
             improved = (val_acc, -val_loss) > (self.best["val_acc"], -self.best["val_loss"])
             if improved:
                 self.best = {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+                self.best_state = _clone_state(self.distiller.trainable_state_dict())
             self._persist(improved)
             bar.set_postfix(val=f"{val_acc:.3f}", best=f"{self.best['val_acc']:.3f}")
         bar.close()
@@ -162,6 +168,13 @@ class Trainer:
         return FitResult(best_epoch=self.best["epoch"], val_acc=self.best["val_acc"], test_acc=self.best["test_acc"],
                          last_val_acc=last["val_acc"], last_test_acc=last["test_acc"], epochs=self.epoch,
                          seconds=time.time() - t0, history=list(self.history))
+
+    def restore_best(self) -> None:
+        """Load the best-validation weights into the distiller (from memory or ``best.pt``)."""
+        if self.best_state is None and self.run_dir is not None and (self.run_dir / "best.pt").is_file():
+            self.best_state = load_checkpoint(self.run_dir / "best.pt")["model"]
+        if self.best_state is not None:
+            self.distiller.load_trainable_state_dict(self.best_state)
 
     def _persist(self, improved: bool) -> None:
         if self.run_dir is None:
