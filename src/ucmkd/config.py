@@ -84,12 +84,13 @@ class OptimConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(OptimConfig):
+    """Teacher training schedule (an :class:`OptimConfig` with its own defaults) and seed."""
+
     epochs: int = 30
     batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 0.05
     warmup_epochs: int = 2
+    steps_per_epoch: Optional[int] = None   # one pass over the teacher's training split
     seed: int = 0                # one teacher per (data, model, schedule, seed), shared by student seeds
 
 

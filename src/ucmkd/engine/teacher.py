@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict
 
 
-from ..config import OptimConfig, PairingConfig, RunConfig, config_hash
+from ..config import PairingConfig, RunConfig, config_hash
 from ..data.base import ModalityData, cache_dir
 from ..data.pairing import PairingSampler
 from ..errors import DataError
@@ -77,11 +77,10 @@ def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
     from ..methods import build_distiller
 
     distiller = build_distiller("ce", model, None)
-    optim = OptimConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                        warmup_epochs=t.warmup_epochs, steps_per_epoch=None)
-    sampler = PairingSampler(data, None, PairingConfig(label_budget=None), t.batch_size, None, seed=t.seed)
+    sampler = PairingSampler(data, None, PairingConfig(label_budget=None), t.batch_size, t.steps_per_epoch,
+                             seed=t.seed)
     key = teacher_key(cfg, data)
-    trainer = Trainer(distiller, sampler, data, optim, run_dir=tdir / "run", config_hash=config_hash(key),
+    trainer = Trainer(distiller, sampler, data, t, run_dir=tdir / "run", config_hash=config_hash(key),
                       device=cfg.device, progress=progress, desc=f"teacher {data.name}")
     t0 = time.time()
     res = trainer.fit()

@@ -63,16 +63,21 @@ def _conv_block(conv: type, bn: type, pool: nn.Module, cin: int, cout: int) -> n
                          conv(cout, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(), pool)
 
 
+def _cnn(input_shape: tuple, width: int, feat_dim: int, depth: int, dims: int) -> Encoder:
+    conv, bn = (nn.Conv1d, nn.BatchNorm1d) if dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+    pool, gap = (nn.MaxPool1d, nn.AdaptiveAvgPool1d) if dims == 1 else (nn.MaxPool2d, nn.AdaptiveAvgPool2d)
+    chans = [input_shape[0]] + [width * 2 ** i for i in range(depth)]
+    stages = [_conv_block(conv, bn, pool(2, ceil_mode=True), a, b) for a, b in zip(chans, chans[1:])]
+    return Encoder(stages, _embed(chans[-1], feat_dim, gap(1)), feat_dim)
+
+
 @BACKBONES.register("cnn1d")
 def cnn1d(input_shape: tuple, width: int = 32, feat_dim: int = 64, depth: int = 3) -> Encoder:
     """1-D CNN for signals [B, C, L]: ``depth`` stages (2 convs + max-pool /2), channels
     width, 2*width, ..., global average pool, embedding."""
     if len(input_shape) != 2:
         raise ConfigError(f"backbone 'cnn1d' takes signals [B, C, L], got input shape {list(input_shape)}")
-    chans = [input_shape[0]] + [width * 2 ** i for i in range(depth)]
-    stages = [_conv_block(nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d(2, ceil_mode=True), a, b)
-              for a, b in zip(chans, chans[1:])]
-    return Encoder(stages, _embed(chans[-1], feat_dim, nn.AdaptiveAvgPool1d(1)), feat_dim)
+    return _cnn(input_shape, width, feat_dim, depth, dims=1)
 
 
 @BACKBONES.register("cnn2d")
@@ -81,10 +86,7 @@ def cnn2d(input_shape: tuple, width: int = 32, feat_dim: int = 64, depth: int = 
     global average pool, embedding."""
     if len(input_shape) != 3:
         raise ConfigError(f"backbone 'cnn2d' takes images [B, C, H, W], got input shape {list(input_shape)}")
-    chans = [input_shape[0]] + [width * 2 ** i for i in range(depth)]
-    stages = [_conv_block(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d(2, ceil_mode=True), a, b)
-              for a, b in zip(chans, chans[1:])]
-    return Encoder(stages, _embed(chans[-1], feat_dim, nn.AdaptiveAvgPool2d(1)), feat_dim)
+    return _cnn(input_shape, width, feat_dim, depth, dims=2)
 
 
 class Classifier(nn.Module):
