@@ -273,3 +273,22 @@ def test_cli_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as ei:
         main(["frobnicate"])
     assert ei.value.code == 2
+
+
+def test_optional_backbone_without_its_package_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from ucmkd.errors import ConfigError
+    from ucmkd.models import build_classifier
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *a, **k):
+        if name in ("timm", "torchvision") or name.startswith(("timm.", "torchvision.")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    for backbone, pkg in (("timm", "timm"), ("torchvision-resnet18", "torchvision")):
+        with pytest.raises(ConfigError, match=pkg):
+            build_classifier((3, 32, 32), "image", 10, backbone=backbone)

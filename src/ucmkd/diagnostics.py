@@ -39,7 +39,7 @@ def alignment_diagnostics(student: Classifier, teacher: Classifier, student_data
     undefined, e.g. FA when feature dims differ and no projector is given)."""
     was_s = student.training
     student.eval()
-    teacher.eval()
+    teacher.to(device).eval()
     si = _subsample(student_data, split, max_items, seed)
     ti = _subsample(teacher_data, split, max_items, seed + 1)
     xs, ys = student_data.x[si].to(device), student_data.y[si].to(device)

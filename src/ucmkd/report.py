@@ -110,7 +110,7 @@ def plot(rows: list[dict], path: str | Path, method_order: list[str] | None = No
     ax.set_xticklabels([f"{t}\n-> {s}" for t, s in dirs], fontsize=8)
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(title + " (dashed: teacher accuracy)", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=min(len(methods), 6), loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
