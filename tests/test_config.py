@@ -289,3 +289,14 @@ def test_save_config_round_trip_experiment(tmp_path):
 def test_from_dict_accepts_dataclass_and_none():
     assert from_dict(OptimConfig, None) == OptimConfig()
     assert from_dict(OptimConfig, OptimConfig(lr=0.5)) == OptimConfig(lr=0.5)
+
+
+def test_nest_and_override_conflicts():
+    from ucmkd.config import nest
+
+    assert nest({"optim.lr": 0.1, "seeds": [0]}) == {"optim": {"lr": 0.1}, "seeds": [0]}
+    for items in (["a=1", "a.b=2"], ["a.b=2", "a=1"]):
+        with pytest.raises(ConfigError, match="conflicts"):
+            parse_overrides(items)
+    with pytest.raises(ConfigError, match="empty"):
+        parse_overrides(["optim..lr=1"])

@@ -214,28 +214,42 @@ def to_dict(cfg: Any) -> dict:
     return asdict(cfg)
 
 
+def nest(dotted) -> dict:
+    """Dotted keys -> nested dict: ``{"optim.lr": 1e-3}`` -> ``{"optim": {"lr": 1e-3}}``.
+
+    ``dotted`` is a dict or a list of (key, value) pairs (later pairs win); a key that is both
+    a leaf and a section (``a=1`` with ``a.b=2``) is a :class:`ConfigError`.
+    """
+    out: dict = {}
+    for key, value in (dotted.items() if isinstance(dotted, dict) else dotted):
+        parts = str(key).strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override key {key!r} has an empty part")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with an earlier override of {p!r}")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override {key!r} conflicts with an earlier override of {key + '.*'!r}")
+        node[parts[-1]] = value
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["optim.lr=1e-3", "method.params.w_fa=0.5"]`` -> nested dict (values parsed as YAML)."""
-    out: dict = {}
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
+        if not key.strip():
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value: {e}") from None
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
-        node[parts[-1]] = value
-    return out
+    return nest(pairs)
 
 
 def deep_merge(base: dict, update: dict) -> dict:

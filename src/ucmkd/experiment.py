@@ -1,7 +1,6 @@
 """``ucmkd run``: a grid of methods x seeds x directions over one base config."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .api import load_pair, run
-from .config import ExperimentConfig, RunConfig, deep_merge, from_dict, parse_overrides, save_config
+from .config import ExperimentConfig, RunConfig, deep_merge, from_dict, nest, save_config
 from .engine import get_teacher
 from .errors import ConfigError
 from .methods import METHODS
@@ -20,7 +19,7 @@ def apply_quick(exp: ExperimentConfig) -> ExperimentConfig:
     """Apply the experiment's ``quick`` dotted overrides (a ~1-minute smoke version)."""
     if not exp.quick:
         return exp
-    data = deep_merge(asdict(exp), parse_overrides([f"{k}={json.dumps(v)}" for k, v in exp.quick.items()]))
+    data = deep_merge(asdict(exp), nest(exp.quick))
     data["quick"] = {}
     return from_dict(ExperimentConfig, data, "experiment")
 
@@ -34,7 +33,7 @@ def run_config_for(exp: ExperimentConfig, teacher: str, student: str, label: str
     var = exp.variants.get(label)
     if var is not None:
         overrides = var.get("overrides") or {}
-        base = deep_merge(base, parse_overrides([f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+        base = deep_merge(base, nest(overrides))
         method, params = var["method"], dict(var.get("params") or {})
     else:
         method, params = label, dict(exp.method_params.get(label, {}))
