@@ -20,7 +20,7 @@ STRATEGIES: Registry[type] = Registry("training strategy")
 def _check_finite(losses: dict, where: str) -> None:
     for name, v in losses.items():
         if not torch.isfinite(v).all():
-            raise NumericalError(f"{where}: loss {name!r} is {float(v)} (non-finite)")
+            raise NumericalError(f"{where}: loss {name!r} is {float(v.detach())} (non-finite)")
 
 
 def _clip(params, max_norm: float, where: str) -> float:
