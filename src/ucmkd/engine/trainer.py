@@ -138,6 +138,7 @@ class Trainer:
                    disable=not self.progress, initial=self.epoch, total=self.optim.epochs)
         for ep in bar:
             self.distiller.train()
+            self.distiller.progress = ep / self.optim.epochs
             sums: dict = {}
             for step, batch in enumerate(self.sampler.epoch(ep)):
                 lr = self._set_lr()

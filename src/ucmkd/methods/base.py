@@ -79,6 +79,7 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
         self.params = params if params is not None else self.Params()
+        self.progress = 0.0   # fraction of training done, in [0, 1); set by the trainer each epoch
         self.extra = nn.ModuleDict()
         if teacher is not None and student.feat_dim != teacher.feat_dim:
             self.extra["projector"] = make_projector(student.feat_dim, teacher.feat_dim)
