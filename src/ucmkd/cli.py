@@ -1,6 +1,7 @@
 """Command-line interface: a thin layer over :mod:`ucmkd.api` and :mod:`ucmkd.experiment`.
 
     ucmkd run digits [--quick] [--out DIR] [key=value ...]
+    ucmkd bench quick [--only PATTERNS] [--workers N] [--out DIR] [key=value ...]
     ucmkd train [--config FILE] [--run-dir DIR] [key=value ...]
     ucmkd train-teacher [--config FILE] [key=value ...]
     ucmkd list
@@ -39,7 +40,16 @@ def _cmd_run(a) -> int:
     exp = load_config(ExperimentConfig, experiment_path(a.experiment), a.overrides)
     if a.quick:
         exp = apply_quick(exp)
-    run_experiment(exp, out_dir=a.out, progress=not a.no_progress)
+    run_experiment(exp, out_dir=a.out, progress=not a.no_progress, workers=a.workers)
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from .bench import run_suite, suite_path
+    from .config import SuiteConfig, load_config
+
+    suite = load_config(SuiteConfig, suite_path(a.suite), a.overrides)
+    run_suite(suite, out_dir=a.out, only=a.only, workers=a.workers, progress=not a.no_progress)
     return 0
 
 
@@ -85,6 +95,9 @@ def _cmd_list(a) -> int:
     print("OT metrics: " + ", ".join(METRICS) + "; OT backends: " + ", ".join(BACKENDS))
     print("pairing presets: " + ", ".join(PRESETS))
     print("experiments: " + ", ".join(builtin_experiments()))
+    from .bench import builtin_suites
+
+    print("bench suites: " + ", ".join(builtin_suites()))
     return 0
 
 
@@ -96,9 +109,21 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("experiment", help=f"built-in experiment ({', '.join(builtin_experiments())}) or a YAML file")
     r.add_argument("--quick", action="store_true", help="the ~1-minute smoke version")
     r.add_argument("--out", default=None, help="output directory (default: the experiment's out_dir)")
+    r.add_argument("--workers", type=int, default=1, help="parallel worker processes (1 thread each)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] base.optim.epochs=20")
     r.set_defaults(fn=_cmd_run)
+
+    from .bench import builtin_suites
+
+    b = sub.add_parser("bench", help="run a benchmark suite (settings x methods x seeds) with paired statistics")
+    b.add_argument("suite", help=f"built-in suite ({', '.join(builtin_suites())}) or a YAML file")
+    b.add_argument("--only", default=None, help="comma-separated glob patterns of setting names to run now")
+    b.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: the suite's)")
+    b.add_argument("--out", default=None, help="output directory (default: the suite's out_dir)")
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] base.optim.epochs=20")
+    b.set_defaults(fn=_cmd_bench)
 
     for name, fn, helptext in (("train", _cmd_train, "train one student (one method, one seed)"),
                                ("train-teacher", _cmd_train_teacher, "train (or reuse) the teacher")):

@@ -133,6 +133,31 @@ class ExperimentConfig:
     quick: dict = field(default_factory=dict)    # dotted overrides applied by --quick
 
 
+@dataclass
+class SettingConfig:
+    """One setting of a benchmark suite: dotted overrides of the suite's base config."""
+
+    overrides: dict = field(default_factory=dict)
+    extra_methods: list = field(default_factory=list)   # run only here (e.g. paired-kd where pairs exist)
+    description: str = ""
+
+
+@dataclass
+class SuiteConfig:
+    """``ucmkd bench``: settings x methods x seeds, with paired statistics against ``baseline``."""
+
+    name: str = "suite"
+    out_dir: str = "outputs/bench"
+    base: RunConfig = field(default_factory=RunConfig)
+    methods: list = field(default_factory=lambda: ["ce"])
+    method_params: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    settings: dict = field(default_factory=dict)        # name -> SettingConfig fields
+    baseline: str = "ce"
+    workers: int = 1
+
+
 # --------------------------------------------------------------------------- (de)serialisation
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))

@@ -16,24 +16,42 @@ def direction_label(teacher: str, student: str) -> str:
     return f"{teacher} -> {student}"
 
 
-def summarise(results: list[dict], baseline: str = "ce") -> list[dict]:
-    """One row per (teacher, student, method): n, mean/std test acc, paired delta vs ``baseline``
-    (mean/std over the seeds both ran), teacher acc, mean seconds per run. Accuracies in %."""
+def paired_stats(deltas: np.ndarray) -> dict:
+    """Mean, std, 95 % t-interval and two-sided Wilcoxon signed-rank p of paired deltas [n]."""
+    from scipy import stats
+
+    n = len(deltas)
+    out = {"delta_mean": float(deltas.mean()) if n else math.nan,
+           "delta_std": float(deltas.std(ddof=1)) if n > 1 else 0.0,
+           "ci_low": math.nan, "ci_high": math.nan, "wilcoxon_p": math.nan}
+    if n > 1:
+        half = stats.t.ppf(0.975, n - 1) * out["delta_std"] / math.sqrt(n)
+        out["ci_low"], out["ci_high"] = out["delta_mean"] - half, out["delta_mean"] + half
+        if np.allclose(deltas, 0):
+            out["wilcoxon_p"] = 1.0
+        else:
+            out["wilcoxon_p"] = float(stats.wilcoxon(deltas, alternative="two-sided").pvalue)
+    return out
+
+
+def summarise(results: list[dict], baseline: str = "ce", by: tuple = ("teacher", "student")) -> list[dict]:
+    """One row per (``by`` fields..., method): n, mean/std test acc, the delta vs ``baseline``
+    paired by seed (mean, std, 95 % t-interval, Wilcoxon p over the seeds both ran), teacher
+    acc and mean seconds per run. Accuracies and deltas in %."""
     groups: dict = {}
     for r in results:
-        groups.setdefault((r["teacher"], r["student"], r["method"]), {})[r["seed"]] = r
+        groups.setdefault(tuple(r[k] for k in by) + (r["method"],), {})[r["seed"]] = r
     rows = []
-    for (t, s, m), by_seed in groups.items():
+    for key, by_seed in groups.items():
         acc = np.array([100 * by_seed[k]["test_acc"] for k in sorted(by_seed)])
-        base = groups.get((t, s, baseline), {})
+        base = groups.get(key[:-1] + (baseline,), {})
         common = sorted(set(by_seed) & set(base))
         deltas = np.array([100 * (by_seed[k]["test_acc"] - base[k]["test_acc"]) for k in common])
         rows.append({
-            "teacher": t, "student": s, "method": m, "n": len(acc),
+            **dict(zip(by, key[:-1])), "method": key[-1], "n": len(acc),
             "acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-            "delta_mean": float(deltas.mean()) if len(deltas) else math.nan,
-            "delta_std": float(deltas.std(ddof=1)) if len(deltas) > 1 else 0.0,
-            "teacher_acc": 100 * float(np.nanmean([r["teacher_test_acc"] for r in by_seed.values()])),
+            **paired_stats(deltas),
+            "teacher_acc": 100 * float(np.nanmean([r.get("teacher_test_acc", math.nan) for r in by_seed.values()])),
             "seconds": float(np.mean([r["seconds"] for r in by_seed.values()])),
         })
     return rows
@@ -74,22 +92,24 @@ def diagnostics_table(results: list[dict], method_order: list[str] | None = None
     return "\n".join(out)
 
 
-def write_csv(results: list[dict], path: str | Path) -> None:
+def write_csv(results: list[dict], path: str | Path, extra: list[str] | None = None) -> None:
+    """One row per run: ``extra`` columns (e.g. ``setting``), then :data:`CSV_FIELDS`."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=(extra or []) + CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in results:
             w.writerow(r)
 
 
-def plot(rows: list[dict], path: str | Path, method_order: list[str] | None = None, title: str = "") -> None:
-    """Grouped bars (one group per direction): mean test accuracy with std error bars."""
+def plot(rows: list[dict], path: str | Path, method_order: list[str] | None = None, title: str = "",
+         by: tuple = ("teacher", "student")) -> None:
+    """Grouped bars (one group per ``by`` value, e.g. direction): mean test accuracy +- std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dirs = sorted({(r["teacher"], r["student"]) for r in rows})
+    dirs = sorted({tuple(r[k] for k in by) for r in rows})
     methods = method_order or sorted({r["method"] for r in rows})
     methods = [m for m in methods if any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(dirs) * len(methods) / 3), 4))
@@ -97,17 +117,17 @@ def plot(rows: list[dict], path: str | Path, method_order: list[str] | None = No
     for j, m in enumerate(methods):
         means, stds = [], []
         for d in dirs:
-            r = next((r for r in rows if (r["teacher"], r["student"]) == d and r["method"] == m), None)
+            r = next((r for r in rows if tuple(r[k] for k in by) == d and r["method"] == m), None)
             means.append(r["acc_mean"] if r else np.nan)
             stds.append(r["acc_std"] if r else 0)
         ax.bar(np.arange(len(dirs)) + (j - (len(methods) - 1) / 2) * width, means, width, yerr=stds,
                capsize=3, label=m)
     for i, d in enumerate(dirs):
-        t = next(r["teacher_acc"] for r in rows if (r["teacher"], r["student"]) == d)
+        t = next(r["teacher_acc"] for r in rows if tuple(r[k] for k in by) == d)
         if not math.isnan(t):
             ax.hlines(t, i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
     ax.set_xticks(np.arange(len(dirs)))
-    ax.set_xticklabels([f"{t}\n-> {s}" for t, s in dirs], fontsize=8)
+    ax.set_xticklabels(["\n-> ".join(d) for d in dirs], fontsize=8)
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(title + " (dashed: teacher accuracy)", fontsize=9)
     ax.legend(fontsize=7, ncol=min(len(methods), 6), loc="upper center", bbox_to_anchor=(0.5, -0.18))

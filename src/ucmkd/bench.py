@@ -1,0 +1,203 @@
+"""``ucmkd bench``: a benchmark suite (settings x methods x seeds) with paired statistics.
+
+For each setting: student test accuracy at the best validation epoch (mean, std), the delta
+against the baseline (``ce``) paired by seed with a 95 % Student-t confidence interval and a
+two-sided Wilcoxon signed-rank p-value, teacher accuracy and wall time per run. Every finished
+run is appended to ``results.jsonl`` (with its resolved config and the code version), so an
+interrupted suite resumes where it stopped and never re-runs a finished cell; ``--only``
+runs a part, and the outputs always cover every cell of the suite finished so far.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .config import SettingConfig, SuiteConfig, from_dict, save_config
+from .errors import ConfigError
+from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
+from .report import plot, summarise, write_csv
+
+
+def builtin_suites() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("ucmkd.suites").iterdir() if p.name.endswith(".yaml"))
+
+
+def suite_path(name: str):
+    if name in builtin_suites():
+        return resources.files("ucmkd.suites") / f"{name}.yaml"
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    raise ConfigError(f"unknown suite {name!r}: give a built-in one ({', '.join(builtin_suites())}) "
+                      f"or a path to a .yaml file")
+
+
+def settings_of(suite: SuiteConfig) -> dict[str, SettingConfig]:
+    if not suite.settings:
+        raise ConfigError("settings: a suite needs at least one setting")
+    return {name: from_dict(SettingConfig, s, f"settings.{name}") for name, s in suite.settings.items()}
+
+
+def select(names: list[str], only: str | None) -> list[str]:
+    """Setting names matching the comma-separated glob patterns ``only`` (all if None)."""
+    if not only:
+        return names
+    pats = [p.strip() for p in only.split(",") if p.strip()]
+    picked = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats)]
+    unmatched = [p for p in pats if not any(fnmatch.fnmatch(n, p) for n in names)]
+    if unmatched:
+        raise ConfigError(f"--only {unmatched[0]!r} matches no setting; settings: {', '.join(names)}")
+    return picked
+
+
+def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run now, all cells of the suite)."""
+    settings = settings_of(suite)
+    for name, st in settings.items():
+        validate_methods(suite.methods + st.extra_methods, suite.variants, suite.method_params)
+    if suite.baseline not in suite.methods:
+        raise ConfigError(f"baseline {suite.baseline!r} must be one of the suite's methods {suite.methods}")
+    if not suite.seeds:
+        raise ConfigError("seeds: give at least one seed")
+    chosen = set(select(list(settings), only))
+    all_cells, now = [], []
+    for name, st in settings.items():
+        for m in suite.methods + st.extra_methods:
+            for k in suite.seeds:
+                cfg = cell_config(suite.base, st.overrides, m, k, suite.variants, suite.method_params)
+                cell = Cell(name, m, k, cfg, out / "runs" / safe_name(name) / m / f"seed{k}")
+                all_cells.append(cell)
+                if name in chosen:
+                    now.append(cell)
+    return now, all_cells
+
+
+# --------------------------------------------------------------------------- reporting
+def _fmt_p(p: float) -> str:
+    return "-" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
+
+
+def setting_tables(rows: list[dict], settings: dict[str, SettingConfig], methods: list[str], baseline: str) -> str:
+    """One Markdown table per setting (suite order)."""
+    order = {m: i for i, m in enumerate(methods)}
+    out = []
+    for name, st in settings.items():
+        rs = sorted([r for r in rows if r["setting"] == name], key=lambda r: (order.get(r["method"], 99), r["method"]))
+        if not rs:
+            continue
+        ta = rs[0]["teacher_acc"]
+        out.append(f"### {name}" + (f": {st.description}" if st.description else ""))
+        out.append(f"\nteacher test acc {ta:.1f} %\n")
+        out.append(f"| method | test acc % (mean +- std) | delta vs {baseline} pp [95 % CI] | Wilcoxon p | s/run | seeds |")
+        out.append("|---|---|---|---|---|---|")
+        for r in rs:
+            if r["method"] == baseline or math.isnan(r["delta_mean"]):
+                delta, p = "-", "-"
+            else:
+                mark = " *" if _excludes_zero(r) else ""
+                delta = f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}"
+                p = _fmt_p(r["wilcoxon_p"])
+            out.append(f"| {r['method']} | {r['acc_mean']:.1f} +- {r['acc_std']:.1f} | {delta} | {p} | "
+                       f"{r['seconds']:.1f} | {r['n']} |")
+        out.append("")
+    out.append("`*`: the 95 % CI of the paired delta (Student t over seeds) excludes zero.")
+    return "\n".join(out)
+
+
+def _excludes_zero(r: dict) -> bool:
+    return not math.isnan(r["ci_low"]) and (r["ci_low"] > 0 or r["ci_high"] < 0)
+
+
+def heatmap(rows: list[dict], path: Path, settings: list[str], methods: list[str], baseline: str,
+            title: str = "") -> None:
+    """Methods x settings heat map of the mean paired delta vs ``baseline`` (pp); cells whose
+    95 % CI excludes zero are marked with ``*``; blank cells were not run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    methods = [m for m in methods if m != baseline]
+    grid = np.full((len(methods), len(settings)), np.nan)
+    marks = np.zeros_like(grid, dtype=bool)
+    for r in rows:
+        if r["method"] in methods and r["setting"] in settings:
+            i, j = methods.index(r["method"]), settings.index(r["setting"])
+            grid[i, j], marks[i, j] = r["delta_mean"], _excludes_zero(r)
+    lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(settings), 1.0 + 0.42 * len(methods)))
+    im = ax.imshow(grid, cmap="RdBu", norm=TwoSlopeNorm(0.0, -lim, lim), aspect="auto")
+    for i in range(len(methods)):
+        for j in range(len(settings)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:+.1f}{'*' if marks[i, j] else ''}", ha="center", va="center",
+                        fontsize=7, color="white" if abs(grid[i, j]) > 0.6 * lim else "black")
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels(settings, rotation=35, ha="right", fontsize=7)
+    ax.set_yticks(range(len(methods)))
+    ax.set_yticklabels(methods, fontsize=8)
+    fig.colorbar(im, ax=ax, label=f"delta vs {baseline} (pp)")
+    ax.set_title(title + f" (* = 95 % CI excludes 0)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
+    """Write tables.md, summary.csv, results.csv, heatmap.png and bars/<setting>.png."""
+    settings = settings_of(suite)
+    methods = list(dict.fromkeys(suite.methods + [m for s in settings.values() for m in s.extra_methods]))
+    rows = summarise(results, baseline=suite.baseline, by=("setting",))
+    tables = setting_tables(rows, settings, methods, suite.baseline)
+    (out / "tables.md").write_text(tables + "\n")
+    write_csv(results, out / "results.csv", extra=["setting"])
+    _write_summary(rows, out / "summary.csv")
+    ran = [s for s in settings if any(r["setting"] == s for r in rows)]
+    if ran:
+        heatmap(rows, out / "heatmap.png", ran, methods, suite.baseline, title=suite.name)
+        (out / "bars").mkdir(exist_ok=True)
+        for s in ran:
+            plot([r for r in rows if r["setting"] == s], out / "bars" / f"{safe_name(s)}.png", methods,
+                 title=f"{suite.name}: {s}", by=("setting",))
+    return {"rows": rows, "tables": tables}
+
+
+def _write_summary(rows: list[dict], path: Path) -> None:
+    import csv
+
+    fields = ["setting", "method", "n", "acc_mean", "acc_std", "delta_mean", "delta_std", "ci_low", "ci_high",
+              "wilcoxon_p", "teacher_acc", "seconds"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def run_suite(suite: SuiteConfig, out_dir: str | Path | None = None, only: str | None = None,
+              workers: int | None = None, progress: bool = True, log=print) -> dict:
+    """Run (or resume) ``suite``, restricted to the settings matching ``only``; report everything
+    finished so far. Returns {results, rows, tables, out_dir, seconds}."""
+    out = Path(out_dir or suite.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now, all_cells = suite_cells(suite, out, only)
+    save_config(suite, out / "suite.yaml")
+    t0 = time.time()
+    store = ResultStore(out / "results.jsonl")
+    run_cells(now, store, workers=workers or suite.workers, progress=progress, log=log)
+    results = store.rows_for(all_cells)
+    rep = report(suite, results, out)
+    seconds = time.time() - t0
+    log(rep["tables"])
+    log(f"\n{len(now)} runs requested, {len(results)} of {len(all_cells)} suite runs finished; "
+        f"{seconds:.0f} s. Outputs in {out}/ (tables.md, summary.csv, results.csv, results.jsonl, "
+        f"heatmap.png, bars/)")
+    return {"results": results, **rep, "out_dir": str(out), "seconds": seconds}
+
+
+__all__ = ["run_suite", "suite_cells", "report", "heatmap", "setting_tables", "builtin_suites", "suite_path"]

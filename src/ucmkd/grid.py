@@ -1,0 +1,213 @@
+"""The grid engine shared by ``ucmkd run`` and ``ucmkd bench``: cells (setting x method x
+seed) run once each, optionally in parallel worker processes, with every finished run
+appended to a JSONL results store so that an interrupted grid resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+from tqdm.auto import tqdm
+
+from .config import RunConfig, deep_merge, from_dict, nest, to_dict
+from .errors import ConfigError, DataError
+
+VARIANT_KEYS = {"method", "params", "overrides"}
+
+
+@dataclass
+class Cell:
+    """One run of the grid: ``label`` is a method name or a variant label."""
+
+    setting: str
+    label: str
+    seed: int
+    cfg: RunConfig
+    run_dir: Path
+
+    @property
+    def store_key(self) -> str:
+        from .api import run_key
+
+        return f"{self.setting}|{self.label}|{run_key(self.cfg)}"
+
+
+def cell_config(base: RunConfig, overrides: dict, label: str, seed: int, variants: dict,
+                method_params: dict) -> RunConfig:
+    """Resolve the run config of one cell: base <- setting overrides <- variant/method <- seed."""
+    data = deep_merge(asdict(base), nest(overrides))
+    var = variants.get(label)
+    if var is not None:
+        data = deep_merge(data, nest(var.get("overrides") or {}))
+        method, params = var["method"], dict(var.get("params") or {})
+    else:
+        method, params = label, dict(method_params.get(label, {}))
+    data["method"] = {"name": method, "params": params}
+    data["seed"] = seed
+    return from_dict(RunConfig, data, f"variant {label}" if var is not None else "base")
+
+
+def validate_methods(methods: list, variants: dict, method_params: dict) -> None:
+    from .methods import METHODS
+
+    for label, var in variants.items():
+        if not isinstance(var, dict) or "method" not in var or set(var) - VARIANT_KEYS:
+            raise ConfigError(f"variants.{label}: expected a mapping with 'method' and optional "
+                              f"'params', 'overrides'; got {var!r}")
+        METHODS.get(var["method"]).parse_params(var.get("params") or {})
+    for m in methods:
+        if m not in variants:
+            METHODS.get(m)
+    for m, params in method_params.items():   # may name methods outside this grid
+        METHODS.get(m).parse_params(params)
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace(" -> ", "--"))
+
+
+# --------------------------------------------------------------------------- results store
+class ResultStore:
+    """Append-only JSONL file, one row per finished run (with its resolved config and the
+    code version). ``done`` holds the store keys of finished cells."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list = []
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                self.rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # a process killed mid-write leaves a partial last line: skip it, keep the rest
+                if i != len(lines):
+                    raise DataError(f"{self.path}: line {i} is not valid JSON") from None
+        self.done = {r["store_key"] for r in self.rows if "store_key" in r}
+
+    def rows_for(self, cells: list) -> list[dict]:
+        """The latest stored row of each of ``cells`` that has finished."""
+        wanted = {c.store_key for c in cells}
+        return list({r["store_key"]: r for r in self.rows if r.get("store_key") in wanted}.values())
+
+    def append(self, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+        self.done.add(row["store_key"])
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``ucmkd <version>`` plus the git commit (and ``-dirty``) when run from a checkout."""
+    from . import __version__
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here)], cwd=here, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    return f"ucmkd {__version__}" + (f" ({commit}{'-dirty' if dirty else ''})" if commit else "")
+
+
+# --------------------------------------------------------------------------- execution
+_DATA_CACHE: dict = {}
+
+
+def _load(cfg: RunConfig):
+    """(student, teacher) modalities, memoised per process by the data config."""
+    from .api import load_pair
+
+    key = json.dumps([asdict(cfg.data)], sort_keys=True)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_pair(cfg)
+    return _DATA_CACHE[key]
+
+
+def _teacher_for(cfg: RunConfig):
+    from .engine import get_teacher
+
+    student, teacher_data = _load(cfg)
+    teacher, info = get_teacher(cfg, teacher_data)
+    return student, teacher_data, teacher, info
+
+
+def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
+    """Worker entry point (also called in-process): train one cell, return its result row."""
+    import torch
+
+    from .api import run
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = from_dict(RunConfig, cfg_dict)
+    student, teacher_data, teacher, info = _teacher_for(cfg)
+    res = run(cfg, run_dir=run_dir, student=student, teacher_data=teacher_data, teacher=teacher,
+              teacher_info=info)
+    res.pop("distiller", None)
+    res["teacher_test_acc"] = info["test_acc"]
+    return res
+
+
+def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress: bool = True,
+              log: Callable = print) -> list[dict]:
+    """Run every cell not yet in ``store`` and return the store rows of all ``cells``.
+
+    Teachers are trained (or loaded from the cache) first, in this process; then the cells
+    run, in ``workers`` spawned processes of one thread each when ``workers > 1``.
+    """
+    todo = [c for c in cells if c.store_key not in store.done]
+    if len(todo) < len(cells):
+        log(f"{len(cells) - len(todo)} of {len(cells)} runs already in {store.path}; running {len(todo)}")
+    seen = set()
+    for c in todo:
+        from .engine.teacher import teacher_dir
+
+        _, teacher_data = _load(c.cfg)
+        tdir = teacher_dir(c.cfg, teacher_data)
+        if tdir not in seen:
+            seen.add(tdir)
+            _, _, _, info = _teacher_for(c.cfg)
+            log(f"teacher {c.cfg.data.teacher}: test acc {100 * info['test_acc']:.1f}% "
+                f"(val {100 * info['val_acc']:.1f}%), {info['path']}")
+    version = code_version()
+    bar = tqdm(total=len(todo), desc="runs", disable=not progress)
+
+    def record(cell: Cell, res: dict) -> None:
+        row = {"setting": cell.setting, "method": cell.label, "seed": cell.seed, "store_key": cell.store_key,
+               "code_version": version, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               **{k: v for k, v in res.items() if k not in ("method", "seed")},
+               "config": to_dict(cell.cfg)}
+        store.append(row)
+        bar.update(1)
+        bar.set_postfix_str(f"{cell.setting} {cell.label} s{cell.seed}: {100 * res['test_acc']:.1f}%")
+
+    if workers <= 1 or len(todo) <= 1:
+        for c in todo:
+            record(c, _run_cell(to_dict(c.cfg), str(c.run_dir), None))
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_cell, to_dict(c.cfg), str(c.run_dir), 1): c for c in todo}
+            for fut in as_completed(futures):
+                record(futures[fut], fut.result())
+    bar.close()
+    return store.rows_for(cells)
+
+
+__all__ = ["Cell", "ResultStore", "run_cells", "cell_config", "validate_methods", "code_version", "safe_name"]
