@@ -59,6 +59,8 @@ class Distiller(nn.Module):
         uses_teacher: needs a teacher batch and a trained teacher.
         uses_unlabelled: consumes ``batch.xu`` (unlabelled student items).
         needs_pairs: only meaningful with ``pairing.mode: paired``.
+        projects_features: compares student features with teacher features, so a learned
+            projector ``extra["projector"]`` (d_s -> d_t) is added when the dims differ.
         strategy: ``"standard"`` or ``"bilevel"`` (:data:`ucmkd.engine.strategies.STRATEGIES`).
     """
 
@@ -67,6 +69,7 @@ class Distiller(nn.Module):
     uses_teacher = True
     uses_unlabelled = False
     needs_pairs = False
+    projects_features = False
     strategy = "standard"
 
     def __init__(self, student: Classifier, teacher: Optional[Classifier] = None, params=None):
@@ -81,7 +84,7 @@ class Distiller(nn.Module):
         self.params = params if params is not None else self.Params()
         self.progress = 0.0   # fraction of training done, in [0, 1); set by the trainer each epoch
         self.extra = nn.ModuleDict()
-        if teacher is not None and student.feat_dim != teacher.feat_dim:
+        if self.projects_features and teacher is not None and student.feat_dim != teacher.feat_dim:
             self.extra["projector"] = make_projector(student.feat_dim, teacher.feat_dim)
 
     @classmethod

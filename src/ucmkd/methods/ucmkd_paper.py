@@ -34,6 +34,8 @@ def make_fa(p) -> FeatureAlignmentLoss:
 class UCMKDJoint(Distiller):
     """CE + w_fa * OT(project(f_S(x_b)), f_T(x_a)) + w_la * LA(h_S(z), h_T(z), y)."""
 
+    projects_features = True
+
     @dataclass
     class Params(OTParams):
         w_fa: float = 1.0
@@ -62,6 +64,8 @@ class UCMKDBilevel(Distiller):
 
     ``forward`` (used for logging/evaluation only) returns the outer loss at theta.
     """
+
+    projects_features = True
 
     strategy = "bilevel"
 

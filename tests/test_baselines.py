@@ -1,0 +1,334 @@
+"""Baseline distillers (dkd, fitnet, fa-only, mmd, norm, paired-kd) and their loss functions."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ucmkd.methods.dkd  # noqa: F401  (registration, also when ucmkd.methods does not list them)
+import ucmkd.methods.fa_only  # noqa: F401
+import ucmkd.methods.fitnet  # noqa: F401
+import ucmkd.methods.mmd  # noqa: F401
+import ucmkd.methods.norm  # noqa: F401
+import ucmkd.methods.paired_kd  # noqa: F401
+from ucmkd.api import run
+from ucmkd.config import RunConfig, SyntheticConfig
+from ucmkd.data.pairing import Batch
+from ucmkd.engine.strategies import STRATEGIES
+from ucmkd.errors import ConfigError
+from ucmkd.losses.dkd import dkd_loss, dkd_terms
+from ucmkd.losses.feature_regression import fitnet_loss, norm_loss
+from ucmkd.losses.kd import kd_kl
+from ucmkd.losses.mmd import mmd2
+from ucmkd.losses.ot import sinkhorn_cost
+from ucmkd.methods import METHODS, build_distiller
+from ucmkd.models import build_classifier
+
+BASELINES = ["dkd", "fitnet", "fa-only", "mmd", "norm", "paired-kd"]
+
+# regression pins (6 decimals); each is also checked against an independent NumPy computation
+DKD_GOLDEN = 3.624205
+MMD_GOLDEN = 0.347918
+FITNET_GOLDEN = 1.083333
+NORM_GOLDEN = 0.500000
+
+
+def tiny(student_feat=8):
+    """Same fixture as tests/test_methods.py: image teacher (d_t = 8), signal student."""
+    torch.manual_seed(0)
+    teacher = build_classifier((1, 8, 8), "image", 3, width=4, feat_dim=8)
+    student = build_classifier((1, 12), "signal", 3, width=4, feat_dim=student_feat)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (10,), generator=g)
+    batch = Batch(torch.randn(10, 1, 12, generator=g), y, torch.randn(10, 1, 8, 8, generator=g), y,
+                  torch.randn(10, 1, 12, generator=g))
+    return teacher, student, batch
+
+
+def _params(name):
+    return {"n_iter": 10} if name == "fa-only" else {}
+
+
+# ----------------------------------------------------------------------------- contract
+@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("student_feat", [8, 6])
+def test_baseline_contract(name, student_feat):
+    teacher, student, batch = tiny(student_feat)
+    d = build_distiller(name, student, teacher, _params(name))
+    d.train()
+    d.progress = 0.5   # past dkd's warm-up, so every loss term is live
+    assert not d.teacher.training, "teacher must stay in eval mode"
+    t_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    out = d(batch)
+    assert out.logits.shape == (10, 3)
+    assert "ce" in out.losses and len(out.losses) >= 2
+    assert all(v.dim() == 0 and math.isfinite(float(v.detach())) for v in out.losses.values())
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
+    logs = STRATEGIES.get(d.strategy)(d, opt, 5.0).step(batch)
+    assert all(math.isfinite(v) for v in logs.values())
+    grads = [p.grad for p in student.encoder.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads), "no gradient reached the student"
+    assert all(p.grad is None for p in d.teacher.parameters()), "teacher received a gradient"
+    assert not d.teacher.training
+    for k, v in d.teacher.state_dict().items():
+        assert torch.equal(v, t_before[k]), f"teacher {k} changed"
+
+
+def test_registration_flags():
+    assert all(n in METHODS for n in BASELINES)
+    assert METHODS.get("paired-kd").needs_pairs
+    assert not any(METHODS.get(n).needs_pairs for n in BASELINES if n != "paired-kd")
+    assert all(METHODS.get(n).uses_teacher for n in BASELINES)
+
+
+def test_default_params():
+    P = {n: METHODS.get(n).Params() for n in BASELINES}
+    assert (P["dkd"].alpha, P["dkd"].beta, P["dkd"].temperature, P["dkd"].warmup) == (1.0, 8.0, 4.0, 0.1)
+    assert P["fitnet"].weight == 1.0 and P["fa-only"].w_fa == 1.0
+    assert P["mmd"].weight == 1.0 and list(P["mmd"].factors) == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert (P["norm"].n, P["norm"].weight) == (4, 1.0)
+    assert (P["paired-kd"].temperature, P["paired-kd"].alpha) == (4.0, 0.9)
+
+
+# ----------------------------------------------------------------------------- DKD
+def _np_softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _np_kl(p, q):
+    return float(np.sum(p * (np.log(p) - np.log(q))))
+
+
+def _np_dkd(s, t, y, alpha, beta, T):
+    tck, nck = [], []
+    for si, ti, yi in zip(s, t, y):
+        ps, pt = _np_softmax(si / T), _np_softmax(ti / T)
+        tck.append(_np_kl(np.array([pt[yi], 1 - pt[yi]]), np.array([ps[yi], 1 - ps[yi]])))
+        nck.append(_np_kl(_np_softmax(np.delete(ti, yi) / T), _np_softmax(np.delete(si, yi) / T)))
+    return T * T * (alpha * np.mean(tck) + beta * np.mean(nck))
+
+
+DKD_S = [[1.0, 0.0, -1.0, 0.5], [0.5, 0.5, 0.0, -0.5], [2.0, -1.0, 0.0, 1.0]]
+DKD_T = [[2.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, -1.0]]
+DKD_Y = [0, 1, 2]
+
+
+def test_dkd_golden_value():
+    s, t, y = torch.tensor(DKD_S), torch.tensor(DKD_T), torch.tensor(DKD_Y)
+    got = float(dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0))
+    expected = _np_dkd(np.array(DKD_S, dtype=np.float64), np.array(DKD_T, dtype=np.float64), DKD_Y, 1.0, 8.0, 4.0)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert abs(got - DKD_GOLDEN) < 1e-5
+    tckd, nckd = dkd_terms(s, t, y, 4.0)
+    assert float(0.5 * tckd + 2.0 * nckd) == pytest.approx(float(dkd_loss(s, t, y, 0.5, 2.0, 4.0)), rel=1e-6)
+
+
+def test_dkd_decomposes_kd_and_vanishes_on_equal_logits():
+    # per item (Zhao et al., Eq. 7): KD = TCKD + (1 - p_t[y]) * NCKD
+    T = 4.0
+    for si, ti, yi in zip(DKD_S, DKD_T, DKD_Y):
+        s, t, y = torch.tensor([si]), torch.tensor([ti]), torch.tensor([yi])
+        pt_y = float(torch.softmax(t / T, 1)[0, yi])
+        assert float(dkd_loss(s, t, y, 1.0, 1.0 - pt_y, T)) == pytest.approx(float(kd_kl(s, t, T)), rel=1e-5)
+    s = torch.tensor(DKD_S)
+    tckd, nckd = dkd_terms(s, s.clone(), torch.tensor(DKD_Y), T)
+    assert abs(float(tckd)) < 1e-6 and abs(float(nckd)) < 1e-6
+
+
+def test_dkd_warmup_ramps_the_kd_weight():
+    teacher, student, batch = tiny()
+    d = build_distiller("dkd", student, teacher).eval()
+    with torch.no_grad():
+        t_logits = teacher(batch.xt)
+    full = None
+    for progress, w in [(0.0, 0.0), (0.05, 0.5), (0.1, 1.0), (0.7, 1.0)]:
+        d.progress = progress
+        out = d(batch)
+        kd = (out.losses["tckd"] + out.losses["nckd"]).detach()
+        if full is None:
+            full = dkd_loss(out.logits, t_logits, batch.ys, 1.0, 8.0, 4.0).detach()
+            assert float(full) > 0
+        assert float(kd) == pytest.approx(w * float(full), rel=1e-5, abs=1e-8)
+        assert torch.allclose(out.losses["ce"], F.cross_entropy(out.logits, batch.ys))
+    with pytest.raises(ConfigError, match="warmup"):
+        build_distiller("dkd", student, teacher, {"warmup": 2.0})
+
+
+# ----------------------------------------------------------------------------- MMD
+MMD_X = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
+MMD_Y = [[1.0, 1.0], [2.0, 0.5], [0.5, 3.0], [1.5, 2.0]]
+
+
+def _np_mmd2(x, y, factors):
+    z = np.concatenate([x, y])
+    d2 = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    med = np.median(d2[np.triu_indices(len(z), k=1)])
+    k = np.mean([np.exp(-d2 / (2 * f * med)) for f in factors], axis=0)
+    n = len(x)
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+
+
+def test_mmd2_golden_value():
+    got = float(mmd2(torch.tensor(MMD_X), torch.tensor(MMD_Y)))
+    expected = _np_mmd2(np.array(MMD_X), np.array(MMD_Y), (0.25, 0.5, 1.0, 2.0, 4.0))
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert abs(got - MMD_GOLDEN) < 1e-5
+    one = float(mmd2(torch.tensor(MMD_X), torch.tensor(MMD_Y), [1.0]))
+    assert one == pytest.approx(_np_mmd2(np.array(MMD_X), np.array(MMD_Y), (1.0,)), rel=1e-5)
+
+
+def test_mmd2_zero_on_same_sample_and_grows_with_a_mean_shift():
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(0))
+    assert abs(float(mmd2(x, x))) < 1e-6
+    vals = [float(mmd2(x, x + s)) for s in (0.0, 0.5, 1.0, 2.0, 4.0)]
+    assert all(a < b for a, b in zip(vals, vals[1:])), vals
+    xr = x.clone().requires_grad_(True)
+    mmd2(xr, x + 1.0).backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all() and float(xr.grad.abs().sum()) > 0
+    same = torch.ones(4, 3, requires_grad=True)   # identical points: median 0 is floored, no NaN
+    v = mmd2(same, torch.ones(4, 3))
+    v.backward()
+    assert float(v.detach()) == 0.0 and torch.isfinite(same.grad).all()
+
+
+def test_mmd_method_matches_the_loss_function():
+    teacher, student, batch = tiny(6)
+    d = build_distiller("mmd", student, teacher, {"weight": 2.0, "factors": [1.0, 2.0]}).eval()
+    out = d(batch)
+    with torch.no_grad():
+        zt = teacher.features(batch.xt)
+        z = student.features(batch.xs)
+        expected = 2.0 * mmd2(d.project(z), zt, [1.0, 2.0])
+    assert torch.allclose(out.losses["mmd"], expected)
+    with pytest.raises(ConfigError, match="factors"):
+        build_distiller("mmd", student, teacher, {"factors": []})
+
+
+# ----------------------------------------------------------------------------- FitNet / NORM
+FR_PRED = [[1.0, 2.0, 0.0], [0.0, -1.0, 0.5]]
+FR_TGT = [[0.5, 1.0, 1.0], [1.0, 0.0, -1.0]]
+NORM_EXP = [[1.0, 2.0, 0.0, 1.0], [0.0, -1.0, 0.5, 0.5]]   # N = 2 segments of d = 2
+NORM_TGT = [[0.5, 1.0], [1.0, 0.0]]
+
+
+def test_fitnet_and_norm_golden_values():
+    got = float(fitnet_loss(torch.tensor(FR_PRED), torch.tensor(FR_TGT)))
+    assert got == pytest.approx(np.mean((np.array(FR_PRED) - np.array(FR_TGT)) ** 2), rel=1e-6)
+    assert abs(got - FITNET_GOLDEN) < 1e-6
+    got = float(norm_loss(torch.tensor(NORM_EXP), torch.tensor(NORM_TGT), 2))
+    e, t = np.array(NORM_EXP), np.array(NORM_TGT)
+    expected = np.mean([np.mean((e[:, k * 2:(k + 1) * 2] - t) ** 2) for k in range(2)])
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert abs(got - NORM_GOLDEN) < 1e-6
+    with pytest.raises(ValueError, match="N = 3"):
+        norm_loss(torch.tensor(NORM_EXP), torch.tensor(NORM_TGT), 3)
+
+
+def _twin():
+    """Student and teacher of the same architecture and weights, xt = xs: z_t == z_s in eval."""
+    torch.manual_seed(0)
+    student = build_classifier((1, 12), "signal", 3, width=4, feat_dim=8)
+    teacher = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 1, 12, generator=g), torch.randint(0, 3, (10,), generator=g)
+    return student, teacher, Batch(x, y, x.clone(), y)
+
+
+def test_fitnet_zero_when_the_regressor_maps_exactly():
+    student, teacher, batch = _twin()
+    d = build_distiller("fitnet", student, teacher).eval()
+    with torch.no_grad():
+        d.extra["regressor"].weight.copy_(torch.eye(8))
+        d.extra["regressor"].bias.zero_()
+    assert float(d(batch).losses["fitnet"].detach()) < 1e-10
+    with torch.no_grad():
+        d.extra["regressor"].bias.fill_(0.5)     # a constant offset of 0.5: MSE = 0.25
+    assert float(d(batch).losses["fitnet"].detach()) == pytest.approx(0.25, rel=1e-5)
+
+
+def test_norm_zero_when_the_expansion_tiles_exactly():
+    student, teacher, batch = _twin()
+    d = build_distiller("norm", student, teacher, {"weight": 3.0}).eval()
+    assert d.extra["expander"].weight.shape == (4 * 8, 8)
+    with torch.no_grad():
+        d.extra["expander"].weight.copy_(torch.eye(8).repeat(4, 1))
+        d.extra["expander"].bias.zero_()
+    assert float(d(batch).losses["norm"].detach()) < 1e-10
+    with torch.no_grad():
+        d.extra["expander"].bias[:8].fill_(1.0)  # one of 4 segments off by 1: MSE = 1/4, x weight 3
+    assert float(d(batch).losses["norm"].detach()) == pytest.approx(0.75, rel=1e-5)
+
+
+@pytest.mark.parametrize("name,key,shape", [("fitnet", "regressor", (8, 6)), ("norm", "expander", (32, 6))])
+@pytest.mark.parametrize("student_feat", [8, 6])
+def test_extras_are_trained_and_checkpointed(name, key, shape, student_feat):
+    teacher, student, batch = tiny(student_feat)
+    d = build_distiller(name, student, teacher)
+    assert "projector" not in d.extra   # replaced by the method's own map
+    mod = d.extra[key]
+    assert mod.weight.shape == (shape[0], student_feat)
+    ids = {id(p) for p in d.trainable_parameters()}
+    assert all(id(p) in ids for p in mod.parameters())
+    state = d.trainable_state_dict()
+    assert {f"{key}.weight", f"{key}.bias"} <= set(state["extra"])
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
+    before = mod.weight.detach().clone()
+    STRATEGIES.get(d.strategy)(d, opt, 5.0).step(batch)
+    assert not torch.equal(before, mod.weight), "the extra module was not optimised"
+    d2 = build_distiller(name, copy.deepcopy(student), teacher)
+    d2.load_trainable_state_dict(d.trainable_state_dict())
+    assert torch.equal(d2.extra[key].weight, mod.weight)
+
+
+# ----------------------------------------------------------------------------- FA only
+@pytest.mark.parametrize("student_feat", [8, 6])
+def test_fa_only_is_ce_plus_fa(student_feat):
+    teacher, student, batch = tiny(student_feat)
+    d = build_distiller("fa-only", student, teacher, {"n_iter": 10, "w_fa": 2.5})
+    out = d(batch)
+    assert set(out.losses) == {"ce", "fa"}
+    with torch.no_grad():
+        z, logits = student(batch.xs, return_features=True)
+        zt = teacher.features(batch.xt)
+        fa = sinkhorn_cost(d.project(z), zt, metric="cosine", eps=0.1, n_iter=10, backend="pot")
+        expected = F.cross_entropy(logits, batch.ys) + 2.5 * fa
+    assert torch.allclose(out.total.detach(), expected, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- paired KD
+def _paired_cfg(mode):
+    cfg = RunConfig()
+    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
+    cfg.data.synthetic = SyntheticConfig(n_items=300, num_classes=3)
+    cfg.pairing.mode = mode
+    cfg.teacher.epochs = 1
+    cfg.teacher.batch_size = 32
+    cfg.optim.epochs = 1
+    cfg.optim.steps_per_epoch = 2
+    cfg.optim.batch_size = 16
+    cfg.optim.warmup_epochs = 0
+    cfg.model.teacher_width = cfg.model.student_width = 8
+    cfg.model.teacher_feat_dim = cfg.model.student_feat_dim = 8
+    cfg.method.name = "paired-kd"
+    return cfg
+
+
+def test_paired_kd_runs_on_true_pairs_and_rejects_other_pairings():
+    res = run(_paired_cfg("paired"))
+    assert res["method"] == "paired-kd" and res["epochs"] == 1
+    assert 0.0 <= res["test_acc"] <= 1.0
+    for mode in ("class-matched", "unpaired"):
+        with pytest.raises(ConfigError, match=r"pairing\.mode"):
+            run(_paired_cfg(mode))
+
+
+def test_paired_kd_is_kd():
+    teacher, student, batch = tiny()
+    out_p = build_distiller("paired-kd", student, teacher)(batch)
+    out_k = build_distiller("kd", student, teacher)(batch)
+    assert set(out_p.losses) == {"ce", "kd"}
+    for k in out_k.losses:
+        assert torch.allclose(out_p.losses[k], out_k.losses[k])
