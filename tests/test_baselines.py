@@ -26,6 +26,8 @@ from ucmkd.losses.ot import sinkhorn_cost
 from ucmkd.methods import METHODS, build_distiller
 from ucmkd.models import build_classifier
 
+from helpers import tiny
+
 BASELINES = ["dkd", "fitnet", "fa-only", "mmd", "norm", "paired-kd"]
 
 # regression pins (6 decimals); each is also checked against an independent NumPy computation
@@ -35,16 +37,6 @@ FITNET_GOLDEN = 1.083333
 NORM_GOLDEN = 0.500000
 
 
-def tiny(student_feat=8):
-    """Same fixture as tests/test_methods.py: image teacher (d_t = 8), signal student."""
-    torch.manual_seed(0)
-    teacher = build_classifier((1, 8, 8), "image", 3, width=4, feat_dim=8)
-    student = build_classifier((1, 12), "signal", 3, width=4, feat_dim=student_feat)
-    g = torch.Generator().manual_seed(1)
-    y = torch.randint(0, 3, (10,), generator=g)
-    batch = Batch(torch.randn(10, 1, 12, generator=g), y, torch.randn(10, 1, 8, 8, generator=g), y,
-                  torch.randn(10, 1, 12, generator=g))
-    return teacher, student, batch
 
 
 def _params(name):

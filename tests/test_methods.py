@@ -5,27 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ucmkd.data.pairing import Batch
 from ucmkd.engine.strategies import STRATEGIES
 from ucmkd.losses.kd import kd_kl
 from ucmkd.losses.label_alignment import label_alignment
 from ucmkd.methods import METHODS, build_distiller
-from ucmkd.models import build_classifier
+
+from helpers import tiny
 
 # golden values computed independently with NumPy from the formulas (see the tests)
 KD_GOLDEN = 0.0947360
 LA_GOLDEN = 0.0824470
 
 
-def tiny(student_feat=8):
-    torch.manual_seed(0)
-    teacher = build_classifier((1, 8, 8), "image", 3, width=4, feat_dim=8)
-    student = build_classifier((1, 12), "signal", 3, width=4, feat_dim=student_feat)
-    g = torch.Generator().manual_seed(1)
-    y = torch.randint(0, 3, (10,), generator=g)
-    batch = Batch(torch.randn(10, 1, 12, generator=g), y, torch.randn(10, 1, 8, 8, generator=g), y,
-                  torch.randn(10, 1, 12, generator=g))
-    return teacher, student, batch
 
 
 @pytest.mark.parametrize("name", ["ce", "ce-ls", "kd", "ucmkd-joint", "ucmkd-bilevel"])

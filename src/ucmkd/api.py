@@ -18,7 +18,7 @@ from .config import RunConfig, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
 from .engine import Trainer, get_teacher, seed_everything
 from .errors import ConfigError
-from .methods import METHODS, build_distiller
+from .methods import METHODS
 from .models import Classifier, build_classifier
 
 

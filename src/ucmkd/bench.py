@@ -12,29 +12,23 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from .config import SettingConfig, SuiteConfig, from_dict, save_config
+from .config import SettingConfig, SuiteConfig, builtin_yaml, from_dict, resolve_yaml, save_config
 from .errors import ConfigError
 from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
 from .report import plot, summarise, write_csv
 
 
 def builtin_suites() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("ucmkd.suites").iterdir() if p.name.endswith(".yaml"))
+    return builtin_yaml("ucmkd.suites")
 
 
 def suite_path(name: str):
-    if name in builtin_suites():
-        return resources.files("ucmkd.suites") / f"{name}.yaml"
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml"):
-        return p
-    raise ConfigError(f"unknown suite {name!r}: give a built-in one ({', '.join(builtin_suites())}) "
-                      f"or a path to a .yaml file")
+    """A built-in suite name (``quick``, ``full``) or a YAML path."""
+    return resolve_yaml("ucmkd.suites", name, "suite")
 
 
 def settings_of(suite: SuiteConfig) -> dict[str, SettingConfig]:
@@ -143,7 +137,7 @@ def heatmap(rows: list[dict], path: Path, settings: list[str], methods: list[str
     ax.set_yticks(range(len(methods)))
     ax.set_yticklabels(methods, fontsize=8)
     fig.colorbar(im, ax=ax, label=f"delta vs {baseline} (pp)")
-    ax.set_title(title + f" (* = 95 % CI excludes 0)", fontsize=9)
+    ax.set_title(title + " (* = 95 % CI excludes 0)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
-from pathlib import Path
 
+from .config import builtin_yaml, resolve_yaml
 from .errors import UcmkdError
 
 
 def builtin_experiments() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("ucmkd.configs").iterdir() if p.name.endswith(".yaml"))
+    return builtin_yaml("ucmkd.configs")
 
 
 def experiment_path(name: str):
     """A built-in experiment name (``digits``) or a YAML path."""
-    if name in builtin_experiments():
-        return resources.files("ucmkd.configs") / f"{name}.yaml"
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml"):
-        return p
-    from .errors import ConfigError
-
-    raise ConfigError(f"unknown experiment {name!r}: give a built-in one ({', '.join(builtin_experiments())}) "
-                      f"or a path to a .yaml file")
+    return resolve_yaml("ucmkd.configs", name, "experiment")
 
 
 def _cmd_run(a) -> int:

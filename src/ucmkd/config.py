@@ -318,6 +318,25 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
+def builtin_yaml(package: str) -> list[str]:
+    """Names of the YAML files shipped in ``package`` (e.g. ``ucmkd.configs``), without suffix."""
+    from importlib import resources
+
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_yaml(package: str, name: str, what: str):
+    """A built-in name from ``package`` or a path to a ``.yaml``/``.yml`` file."""
+    from importlib import resources
+
+    if name in builtin_yaml(package):
+        return resources.files(package) / f"{name}.yaml"
+    if Path(name).suffix in (".yaml", ".yml"):
+        return Path(name)
+    raise ConfigError(f"unknown {what} {name!r}: give a built-in one ({', '.join(builtin_yaml(package))}) "
+                      f"or a path to a .yaml file")
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

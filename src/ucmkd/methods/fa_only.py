@@ -5,14 +5,27 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from ..losses.ot import FeatureAlignmentLoss
 from .base import DistillOutput, Distiller, register_method
-from .ucmkd_paper import OTParams, make_fa
+
+
+@dataclass
+class OTParams:
+    metric: str = "cosine"      # cosine | chordal | l2 | l1
+    eps: float = 0.1            # entropic regularisation
+    n_iter: int = 100           # Sinkhorn iterations
+    backend: str = "pot"        # pot (ot.sinkhorn2, the authors' call) | torch (log-domain, underflow-proof) | geomloss
+    grad: str = "autodiff"      # autodiff (the authors') | detach
+
+
+def make_fa(p) -> FeatureAlignmentLoss:
+    return FeatureAlignmentLoss(metric=p.metric, eps=p.eps, n_iter=p.n_iter, backend=p.backend, grad=p.grad)
 
 
 @register_method("fa-only")
 class FAOnly(Distiller):
     """loss = CE(s, y) + w_fa * OT(project(f_S(x_b)), f_T(x_a)): ``ucmkd-joint`` with w_la = 0
-    (same FA loss and OT options, :class:`~ucmkd.methods.ucmkd_paper.OTParams`)."""
+    (same FA loss and OT options, :class:`OTParams`)."""
 
     projects_features = True
 
@@ -24,8 +37,13 @@ class FAOnly(Distiller):
         super().__init__(student, teacher, params)
         self.fa = make_fa(self.params)
 
-    def forward(self, batch):
+    def feature_terms(self, batch):
+        """(student logits [B, K], projected student features [B, d_t], {"ce", "fa"} losses)."""
         zt, _ = self.teacher_forward(batch.xt)
         z, logits = self.student(batch.xs, return_features=True)
-        return DistillOutput(logits, {"ce": F.cross_entropy(logits, batch.ys),
-                                      "fa": self.params.w_fa * self.fa(self.project(z), zt)})
+        zp = self.project(z)
+        return logits, zp, {"ce": F.cross_entropy(logits, batch.ys), "fa": self.params.w_fa * self.fa(zp, zt)}
+
+    def forward(self, batch):
+        logits, _, losses = self.feature_terms(batch)
+        return DistillOutput(logits, losses)

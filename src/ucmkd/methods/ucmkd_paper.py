@@ -13,47 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from ..losses.label_alignment import label_alignment
-from ..losses.ot import FeatureAlignmentLoss
 from .base import DistillOutput, Distiller, register_method
-
-
-@dataclass
-class OTParams:
-    metric: str = "cosine"      # cosine | chordal | l2 | l1
-    eps: float = 0.1            # entropic regularisation
-    n_iter: int = 100           # Sinkhorn iterations
-    backend: str = "pot"        # pot (ot.sinkhorn2, the authors' call) | torch (log-domain, underflow-proof) | geomloss
-    grad: str = "autodiff"      # autodiff (the authors') | detach
-
-
-def make_fa(p) -> FeatureAlignmentLoss:
-    return FeatureAlignmentLoss(metric=p.metric, eps=p.eps, n_iter=p.n_iter, backend=p.backend, grad=p.grad)
+from .fa_only import FAOnly, OTParams, make_fa
 
 
 @register_method("ucmkd-joint")
-class UCMKDJoint(Distiller):
+class UCMKDJoint(FAOnly):
     """CE + w_fa * OT(project(f_S(x_b)), f_T(x_a)) + w_la * LA(h_S(z), h_T(z), y)."""
 
-    projects_features = True
-
     @dataclass
-    class Params(OTParams):
-        w_fa: float = 1.0
+    class Params(FAOnly.Params):
         w_la: float = 1.0
 
-    def __init__(self, student, teacher, params=None):
-        super().__init__(student, teacher, params)
-        self.fa = make_fa(self.params)
-
     def forward(self, batch):
-        zt, _ = self.teacher_forward(batch.xt)
-        z, logits = self.student(batch.xs, return_features=True)
-        zp = self.project(z)
+        logits, zp, losses = self.feature_terms(batch)
         t_head = self.teacher.head(zp)   # frozen head; gradient flows into zp
-        p = self.params
-        return DistillOutput(logits, {"ce": F.cross_entropy(logits, batch.ys),
-                                      "fa": p.w_fa * self.fa(zp, zt),
-                                      "la": p.w_la * label_alignment(logits, t_head, batch.ys)})
+        losses["la"] = self.params.w_la * label_alignment(logits, t_head, batch.ys)
+        return DistillOutput(logits, losses)
 
 
 @register_method("ucmkd-bilevel")
