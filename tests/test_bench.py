@@ -125,3 +125,20 @@ def test_builtin_suites_load_and_cover_the_grid(tmp_path):
     assert any("noisy" in n for n in names) and sum(n.startswith("synthetic") for n in names) == 2
     now, all_cells = suite_cells(load_config(SuiteConfig, suite_path("quick")), tmp_path)
     assert now == all_cells and len({c.setting for c in all_cells}) >= 3
+
+
+def test_preflight_rejects_an_impossible_cell_before_training(tmp_path):
+    suite = tiny_suite(methods=["ce", "reviewkd"], seeds=[0])   # synthetic data: MLP backbones
+    with pytest.raises(ConfigError, match=r"setting 'mild', method 'reviewkd'.*multi-stage"):
+        run_suite(suite, out_dir=tmp_path, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "results.jsonl").exists()   # nothing was trained
+
+
+def test_exclude_methods(tmp_path):
+    suite = tiny_suite(methods=["ce", "reviewkd"], seeds=[0],
+                       settings={"mild": {"overrides": {}, "exclude_methods": ["reviewkd"]}})
+    res = run_suite(suite, out_dir=tmp_path, progress=False, log=lambda *a: None)
+    assert {r["method"] for r in res["results"]} == {"ce"}
+    assert "Not run" in res["tables"] and "reviewkd in mild" in res["tables"]
+    with pytest.raises(ConfigError, match="exclude_methods"):
+        suite_cells(tiny_suite(settings={"mild": {"exclude_methods": ["mmd"]}}), tmp_path)

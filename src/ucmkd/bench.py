@@ -54,6 +54,9 @@ def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None) -> tuple
     settings = settings_of(suite)
     for name, st in settings.items():
         validate_methods(suite.methods + st.extra_methods, suite.variants, suite.method_params)
+        unknown = [m for m in st.exclude_methods if m not in suite.methods]
+        if unknown:
+            raise ConfigError(f"settings.{name}.exclude_methods: {unknown[0]!r} is not one of the suite's methods")
     if suite.baseline not in suite.methods:
         raise ConfigError(f"baseline {suite.baseline!r} must be one of the suite's methods {suite.methods}")
     if not suite.seeds:
@@ -61,7 +64,7 @@ def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None) -> tuple
     chosen = set(select(list(settings), only))
     all_cells, now = [], []
     for name, st in settings.items():
-        for m in suite.methods + st.extra_methods:
+        for m in [m for m in suite.methods if m not in st.exclude_methods] + st.extra_methods:
             for k in suite.seeds:
                 cfg = cell_config(suite.base, st.overrides, m, k, suite.variants, suite.method_params)
                 cell = Cell(name, m, k, cfg, out / "runs" / safe_name(name) / m / f"seed{k}")
@@ -147,8 +150,11 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
     """Write tables.md, summary.csv, results.csv, heatmap.png and bars/<setting>.png."""
     settings = settings_of(suite)
     methods = list(dict.fromkeys(suite.methods + [m for s in settings.values() for m in s.extra_methods]))
+    excluded = [f"{m} in {name}" for name, st in settings.items() for m in st.exclude_methods]
     rows = summarise(results, baseline=suite.baseline, by=("setting",))
     tables = setting_tables(rows, settings, methods, suite.baseline)
+    if excluded:
+        tables += "\nNot run (the method cannot apply to the setting's backbones): " + ", ".join(excluded) + "."
     (out / "tables.md").write_text(tables + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")

@@ -139,6 +139,7 @@ class SettingConfig:
 
     overrides: dict = field(default_factory=dict)
     extra_methods: list = field(default_factory=list)   # run only here (e.g. paired-kd where pairs exist)
+    exclude_methods: list = field(default_factory=list)  # suite methods that cannot run here (e.g. reviewkd on MLPs)
     description: str = ""
 
 

@@ -163,6 +163,28 @@ def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
     return res
 
 
+def preflight(cells: list[Cell]) -> None:
+    """Build data, (untrained) models and the distiller of every (setting, method) before any
+    training, so that a cell that cannot run fails in seconds, not after hours of grid."""
+    from .api import build_student
+    from .engine.teacher import build_teacher_model
+    from .errors import UcmkdError
+    from .methods import METHODS
+
+    seen = set()
+    for c in cells:
+        if (c.setting, c.label) in seen:
+            continue
+        seen.add((c.setting, c.label))
+        try:
+            student, teacher_data = _load(c.cfg)
+            cls = METHODS.get(c.cfg.method.name)
+            teacher = build_teacher_model(c.cfg, teacher_data) if cls.uses_teacher else None
+            cls(build_student(c.cfg, student), teacher, cls.parse_params(c.cfg.method.params))
+        except UcmkdError as e:
+            raise type(e)(f"setting {c.setting!r}, method {c.label!r}: {e}") from None
+
+
 def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress: bool = True,
               log: Callable = print) -> list[dict]:
     """Run every cell not yet in ``store`` and return the store rows of all ``cells``.
@@ -171,6 +193,7 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
     run, in ``workers`` spawned processes of one thread each when ``workers > 1``.
     """
     todo = [c for c in cells if c.store_key not in store.done]
+    preflight(todo)
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} runs already in {store.path}; running {len(todo)}")
     seen = set()
