@@ -426,3 +426,32 @@ def test_check_compatible_digits_vs_synthetic(loaded):
     msg = str(ei.value)
     assert "digits/signal" in msg and "synthetic/a" in msg
     check_compatible(loaded["digits/signal"], loaded["digits/image"])  # same label space: fine
+
+
+def test_predefined_and_group_held_out_splits():
+    import numpy as np
+    import pytest
+
+    from ucmkd.data.base import make_splits
+    from ucmkd.errors import DataError
+
+    y = np.arange(60) % 3
+    split = np.array(["train"] * 45 + ["test"] * 15)
+    s = make_splits(y, 0.25, 0.2, 0, split=split)
+    assert set(s["test"].tolist()) == set(range(45, 60))
+    assert set(s["train"].tolist()) | set(s["val"].tolist()) == set(range(45)) and len(s["val"]) == 9
+    with_val = split.copy()
+    with_val[:5] = "val"
+    s2 = make_splits(y, 0.25, 0.2, 0, split=with_val)
+    assert s2["val"].tolist() == list(range(5))
+    with pytest.raises(DataError, match="unknown split name 'dev'"):
+        make_splits(y, 0.25, 0.2, 0, split=np.array(["dev"] * 60))
+    groups = np.repeat(np.arange(6), 10)      # e.g. 6 voices
+    g = make_splits(y, 0.34, 0.2, 0, groups=groups)
+    test_groups = set(groups[g["test"].numpy()])
+    train_groups = set(groups[np.concatenate([g["train"].numpy(), g["val"].numpy()])])
+    assert test_groups and not (test_groups & train_groups)   # held-out voices
+    assert len(test_groups) == 2
+    assert make_splits(y, 0.34, 0.2, 0, groups=groups)["test"].tolist() == g["test"].tolist()
+    with pytest.raises(DataError, match="at least 2 groups"):
+        make_splits(y, 0.3, 0.2, 0, groups=np.zeros(60))

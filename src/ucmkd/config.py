@@ -36,6 +36,23 @@ class SyntheticConfig:
     seed: int = 0                # generation seed (fixed data, independent of run seeds)
 
 
+@dataclass(frozen=True)
+class SpokenDigitsConfig:
+    """Recipe of the offline spoken-digits set (eSpeak NG synthesis, see ucmkd.data.spoken)."""
+
+    voices: tuple = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan")
+    variants: tuple = ("m1", "m3", "f1", "f3", "klatt")
+    rates: tuple = (130, 160, 190)          # words per minute
+    pitches: tuple = (35, 50, 65)           # eSpeak pitch, 0..99
+    snr_db: float = 20.0                    # background noise SNR (dB); null = clean
+    sample_rate: int = 22050                # Hz
+    duration: float = 0.8                   # seconds per clip (padded / trimmed)
+    n_mels: int = 32
+    hop_length: int = 441                   # 20 ms at 22,050 Hz
+    n_fft: int = 1024
+    seed: int = 0
+
+
 @dataclass
 class DataConfig:
     teacher: str = "digits/image"     # modality dataset name (registry ``ucmkd.data.DATASETS``)
@@ -46,6 +63,8 @@ class DataConfig:
     cache_dir: Optional[str] = None   # default: $UCMKD_CACHE or ~/.cache/ucmkd
     mnist1d_samples: int = 4000       # size of the generated digits/signal set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
+    roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
 
 
 @dataclass
@@ -184,6 +203,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     if tp is Any:
         return value
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(value)
     if tp in (list, dict) or origin in (list, dict):
         base = origin or tp
         if not isinstance(value, base):

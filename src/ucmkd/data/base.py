@@ -27,6 +27,10 @@ class RawModality:
 
     x: float array [N, *input_shape]; y: int array [N] in 0..K-1; classes: K names;
     pair_id: optional int array [N]; items of two modalities with equal pair_id are true pairs.
+    split: optional str array [N] of "train"/"val"/"test": the dataset's own split (e.g. its
+        train/test lists); validation is carved from "train" when no item is "val".
+    groups: optional array [N] of group ids (e.g. speaker/voice): whole groups are held out
+        for the test split (group-independent evaluation); validation is carved from the rest.
     """
 
     x: np.ndarray
@@ -35,6 +39,8 @@ class RawModality:
     kind: str
     pair_id: Optional[np.ndarray] = None
     source: str = ""
+    split: Optional[np.ndarray] = None
+    groups: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -98,14 +104,44 @@ def cache_dir(cfg: DataConfig | None = None) -> Path:
     return p
 
 
-def make_splits(y: np.ndarray, test_frac: float, val_frac: float, seed: int) -> dict:
-    """Stratified, seeded train/val/test split; val is carved from the training part."""
+def make_splits(y: np.ndarray, test_frac: float, val_frac: float, seed: int,
+                split: Optional[np.ndarray] = None, groups: Optional[np.ndarray] = None,
+                where: str = "dataset") -> dict:
+    """Seeded train/val/test index split; validation is always carved from training data.
+
+    - ``split`` given: the dataset's own train/test (and val, if any) assignment is kept;
+    - ``groups`` given: a seeded ~``test_frac`` share of the groups is held out as test;
+    - otherwise: a stratified random split.
+    """
     for name, v in (("data.test_frac", test_frac), ("data.val_frac", val_frac)):
         if not 0.0 < v < 1.0:
             raise DataError(f"{name} must be in (0, 1), got {v}")
     idx = np.arange(len(y))
-    trval, test = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=y)
-    train, val = train_test_split(trval, test_size=val_frac, random_state=seed + 1, stratify=y[trval])
+    if split is not None:
+        split = np.asarray(split).astype(str)
+        bad = sorted(set(split) - {"train", "val", "test"})
+        if bad:
+            raise DataError(f"{where}: unknown split name {bad[0]!r}; expected train, val or test")
+        trval, test = idx[split != "test"], idx[split == "test"]
+        if (split == "val").any():
+            train, val = idx[split == "train"], idx[split == "val"]
+            trval = None
+    elif groups is not None:
+        ids = np.unique(groups)
+        if len(ids) < 2:
+            raise DataError(f"{where}: group-held-out splits need at least 2 groups, got {len(ids)}")
+        rng = np.random.default_rng(seed)
+        n_test = min(len(ids) - 1, max(1, int(round(test_frac * len(ids)))))
+        test_ids = rng.choice(ids, size=n_test, replace=False)
+        is_test = np.isin(groups, test_ids)
+        trval, test = idx[~is_test], idx[is_test]
+    else:
+        trval, test = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=y)
+    if trval is not None:
+        if len(trval) < 2 or len(test) == 0:
+            raise DataError(f"{where}: the split leaves {len(trval)} training and {len(test)} test items")
+        strat = y[trval] if np.bincount(y[trval]).min(initial=2) >= 2 else None
+        train, val = train_test_split(trval, test_size=val_frac, random_state=seed + 1, stratify=strat)
     return {k: torch.as_tensor(np.sort(v), dtype=torch.long)
             for k, v in (("train", train), ("val", val), ("test", test))}
 
@@ -127,14 +163,17 @@ def validate_raw(raw: RawModality, name: str) -> None:
                         f"found {int(raw.y.min())}..{int(raw.y.max())}")
     if not np.isfinite(raw.x).all():
         raise DataError(f"{where}: inputs contain NaN or inf")
-    if raw.pair_id is not None and raw.pair_id.shape != raw.y.shape:
-        raise DataError(f"{where}: pair_id must have shape {list(raw.y.shape)}, got {list(raw.pair_id.shape)}")
+    for field_name in ("pair_id", "split", "groups"):
+        v = getattr(raw, field_name)
+        if v is not None and np.shape(v) != raw.y.shape:
+            raise DataError(f"{where}: {field_name} must have shape {list(raw.y.shape)}, got {list(np.shape(v))}")
 
 
 def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     """Validate, split (seeded, stratified), and standardise with train-split statistics."""
     validate_raw(raw, name)
-    splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed)
+    splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed, raw.split, raw.groups,
+                         where=raw.source or name)
     x = torch.as_tensor(raw.x, dtype=torch.float32)
     tr = x[splits["train"]]
     mean, std = tr.mean(), tr.std().clamp_min(1e-8)
