@@ -123,7 +123,7 @@ def main(argv=None):
             print(f"| {backend} | {grad} | {B} | {mean:.2f} +- {std:.2f} | {rel:.1e} |", flush=True)
         conv_rows.append((B, *convergence_row(zs, zt, args.eps, args.n_iter)))
 
-    print(f"\nConvergence of plain Sinkhorn-Knopp (float64, same features):\n")
+    print("\nConvergence of plain Sinkhorn-Knopp (float64, same features):\n")
     print(f"| B | cost range | POT iterations run (stopThr=1e-9) | marginal err after {args.n_iter} it "
           f"| rel. gap {args.n_iter} it vs converged |")
     print("|---:|---:|---:|---:|---:|")

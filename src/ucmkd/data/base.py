@@ -121,7 +121,7 @@ def make_splits(y: np.ndarray, test_frac: float, val_frac: float, seed: int,
         split = np.asarray(split).astype(str)
         bad = sorted(set(split) - {"train", "val", "test"})
         if bad:
-            raise DataError(f"{where}: unknown split name {bad[0]!r}; expected train, val or test")
+            raise DataError(f"{where}: unknown split name {str(bad[0])!r}; expected train, val or test")
         trval, test = idx[split != "test"], idx[split == "test"]
         if (split == "val").any():
             train, val = idx[split == "train"], idx[split == "val"]
