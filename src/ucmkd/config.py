@@ -53,6 +53,16 @@ class SpokenDigitsConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class AVConfig:
+    """Options of the audio-visual dataset adapters (RAVDESS, CREMA-D, AVE, VGGSound)."""
+
+    image_size: int = 64          # face/scene frames are resized to image_size x image_size
+    frames: int = 1               # frames per clip (evenly spaced), stacked as channels
+    grayscale: bool = False
+    audio_length: int = 0         # time steps of audio features (crop/pad); 0 = the dataset's own
+
+
 @dataclass
 class DataConfig:
     teacher: str = "digits/image"     # modality dataset name (registry ``ucmkd.data.DATASETS``)
@@ -65,6 +75,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
+    av: AVConfig = field(default_factory=AVConfig)
 
 
 @dataclass
