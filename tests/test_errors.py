@@ -292,3 +292,13 @@ def test_optional_backbone_without_its_package_is_a_clear_error(monkeypatch):
     for backbone, pkg in (("timm", "timm"), ("torchvision-resnet18", "torchvision")):
         with pytest.raises(ConfigError, match=pkg):
             build_classifier((3, 32, 32), "image", 10, backbone=backbone)
+
+
+def test_backbone_args_are_passed_and_checked():
+    from ucmkd.errors import ConfigError
+    from ucmkd.models import build_classifier
+
+    m = build_classifier((1, 40), "signal", 10, backbone_args={"depth": 2})
+    assert len(m.encoder.stages) == 2
+    with pytest.raises(ConfigError, match="bad arguments for backbone 'cnn1d'"):
+        build_classifier((1, 40), "signal", 10, backbone_args={"depht": 2})

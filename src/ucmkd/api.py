@@ -25,7 +25,8 @@ from .models import Classifier, build_classifier
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
     m = cfg.model
     return build_classifier(data.input_shape, data.kind, data.num_classes, m.student_backbone,
-                            m.student_width, m.student_feat_dim, name=f"student[{data.name}]")
+                            m.student_width, m.student_feat_dim, name=f"student[{data.name}]",
+                            backbone_args=m.student_backbone_args)
 
 
 def load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:

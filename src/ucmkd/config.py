@@ -99,6 +99,8 @@ class ModelConfig:
     student_width: int = 16
     teacher_feat_dim: int = 64
     student_feat_dim: int = 64       # != teacher_feat_dim adds a learned projector
+    teacher_backbone_args: dict = field(default_factory=dict)   # extra builder kwargs, e.g. {model_name: vit_small_patch16_224}
+    student_backbone_args: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -33,13 +33,15 @@ def teacher_key(cfg: RunConfig, data: ModalityData) -> dict:
     m = cfg.model
     return {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
             "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
+            **({"backbone_args": m.teacher_backbone_args} if m.teacher_backbone_args else {}),
             "train": asdict(cfg.teacher), "version": 1}
 
 
 def build_teacher_model(cfg: RunConfig, data: ModalityData) -> Classifier:
     m = cfg.model
     return build_classifier(data.input_shape, data.kind, data.num_classes, m.teacher_backbone,
-                            m.teacher_width, m.teacher_feat_dim, name=f"teacher[{data.name}]")
+                            m.teacher_width, m.teacher_feat_dim, name=f"teacher[{data.name}]",
+                            backbone_args=m.teacher_backbone_args)
 
 
 def teacher_dir(cfg: RunConfig, data: ModalityData):

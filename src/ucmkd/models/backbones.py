@@ -121,14 +121,19 @@ class Classifier(nn.Module):
 
 
 def build_classifier(input_shape: tuple, kind: str, num_classes: int, backbone: str = "auto",
-                     width: int = 32, feat_dim: int = 64, name: str = "model") -> Classifier:
-    """Build a :class:`Classifier` whose backbone suits ``kind`` (``auto``) or is named."""
+                     width: int = 32, feat_dim: int = 64, name: str = "model",
+                     backbone_args: dict | None = None) -> Classifier:
+    """Build a :class:`Classifier` whose backbone suits ``kind`` (``auto``) or is named;
+    ``backbone_args`` are extra keyword arguments of the backbone builder."""
     if backbone == "auto":
         if kind not in AUTO_BACKBONE:
             raise ConfigError(f"{name}: no automatic backbone for input kind {kind!r}")
         backbone = AUTO_BACKBONE[kind]
     builder = BACKBONES.get(backbone)
-    enc = builder(tuple(input_shape), width=width, feat_dim=feat_dim)
+    try:
+        enc = builder(tuple(input_shape), width=width, feat_dim=feat_dim, **(backbone_args or {}))
+    except TypeError as e:
+        raise ConfigError(f"{name}: bad arguments for backbone {backbone!r}: {e}") from None
     return Classifier(enc, feat_dim, num_classes, input_shape, name=name)
 
 
