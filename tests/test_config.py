@@ -300,3 +300,10 @@ def test_nest_and_override_conflicts():
             parse_overrides(items)
     with pytest.raises(ConfigError, match="empty"):
         parse_overrides(["optim..lr=1"])
+
+
+def test_exponent_without_dot_is_a_float():
+    cfg = load_config(RunConfig, overrides=["optim.lr=1e-4", "optim.min_lr=5E-7"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.min_lr == 5e-7
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(RunConfig, overrides=["optim.lr=fast"])

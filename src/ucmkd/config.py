@@ -44,7 +44,7 @@ class SpokenDigitsConfig:
     variants: tuple = ("m1", "m3", "f1", "f3", "klatt")
     rates: tuple = (130, 160, 190)          # words per minute
     pitches: tuple = (35, 50, 65)           # eSpeak pitch, 0..99
-    snr_db: float = 20.0                    # background noise SNR (dB); null = clean
+    snr_db: Optional[float] = 20.0          # background noise SNR (dB); null = clean
     sample_rate: int = 22050                # Hz
     duration: float = 0.8                   # seconds per clip (padded / trimmed)
     n_mels: int = 32
@@ -61,6 +61,7 @@ class AVConfig:
     frames: int = 1               # frames per clip (evenly spaced), stacked as channels
     grayscale: bool = False
     audio_length: int = 0         # time steps of audio features (crop/pad); 0 = the dataset's own
+    audio_size: int = 0           # >0: resize audio features to audio_size x audio_size (bilinear, e.g. 224 for a ViT)
 
 
 @dataclass
@@ -236,6 +237,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):   # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
