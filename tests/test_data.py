@@ -455,3 +455,14 @@ def test_predefined_and_group_held_out_splits():
     assert make_splits(y, 0.34, 0.2, 0, groups=groups)["test"].tolist() == g["test"].tolist()
     with pytest.raises(DataError, match="at least 2 groups"):
         make_splits(y, 0.3, 0.2, 0, groups=np.zeros(60))
+
+
+def test_validation_too_small_to_stratify_falls_back_to_random():
+    import numpy as np
+
+    from ucmkd.data.base import make_splits
+
+    y = np.arange(40) % 10          # 10 classes, 4 items each
+    groups = np.repeat(np.arange(4), 10)
+    s = make_splits(y, 0.25, 0.2, 0, groups=groups)   # val = 6 items < 10 classes
+    assert len(s["val"]) == 6 and len(s["train"]) == 24 and len(s["test"]) == 10

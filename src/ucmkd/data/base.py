@@ -140,7 +140,10 @@ def make_splits(y: np.ndarray, test_frac: float, val_frac: float, seed: int,
     if trval is not None:
         if len(trval) < 2 or len(test) == 0:
             raise DataError(f"{where}: the split leaves {len(trval)} training and {len(test)} test items")
-        strat = y[trval] if np.bincount(y[trval]).min(initial=2) >= 2 else None
+        counts = np.bincount(y[trval])
+        n_val = int(np.ceil(val_frac * len(trval)))
+        # stratify when every class can appear in both parts; tiny sets fall back to random
+        strat = y[trval] if counts[counts > 0].min() >= 2 and n_val >= (counts > 0).sum() else None
         train, val = train_test_split(trval, test_size=val_frac, random_state=seed + 1, stratify=strat)
     return {k: torch.as_tensor(np.sort(v), dtype=torch.long)
             for k, v in (("train", train), ("val", val), ("test", test))}
