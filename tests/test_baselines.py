@@ -324,3 +324,14 @@ def test_paired_kd_is_kd():
     assert set(out_p.losses) == {"ce", "kd"}
     for k in out_k.losses:
         assert torch.allclose(out_p.losses[k], out_k.losses[k])
+
+
+@pytest.mark.parametrize("name", ["kd", "dkd", "fitnet", "norm", "c2kd"])
+def test_item_for_item_methods_reject_a_mismatched_teacher_batch(name):
+    from ucmkd.errors import DataError
+
+    teacher, student, batch = tiny()
+    d = build_distiller(name, student, teacher)
+    batch.xt = batch.xt[:7]
+    with pytest.raises(DataError, match="teacher batch of 7 items must match the student batch of 10"):
+        d(batch)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..data.pairing import Batch
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models import Classifier, make_projector
 from ..registry import Registry
 
@@ -97,10 +97,14 @@ class Distiller(nn.Module):
         return self.extra["projector"](z) if "projector" in self.extra else z
 
     @torch.no_grad()
-    def teacher_forward(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher features [B, d_t] and logits [B, K] (no gradient)."""
+    def teacher_forward(self, xt: torch.Tensor, match: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher features [B', d_t] and logits [B', K] (no gradient). With ``match`` = B, the
+        method uses the teacher items item for item, so B' must equal B."""
         if xt is None:
             raise ConfigError(f"method {self.name!r} needs a teacher batch; the sampler gave none")
+        if match is not None and xt.shape[0] != match:
+            raise DataError(f"{self.name}: teacher batch of {xt.shape[0]} items must match the student "
+                            f"batch of {match} item for item")
         return self.teacher(xt, return_features=True)
 
     def train(self, mode: bool = True):

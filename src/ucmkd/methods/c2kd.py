@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..losses.c2kd import drop_target, kendall_tau, selected_kl, selection_mask
 from .base import DistillOutput, Distiller, register_method
 
@@ -87,11 +87,8 @@ class C2KD(Distiller):
         self.kept_fraction = torch.tensor(float("nan"))
 
     def forward(self, batch):
-        zt, t_logits = self.teacher_forward(batch.xt)
+        zt, t_logits = self.teacher_forward(batch.xt, match=len(batch.xs))
         z, logits = self.student(batch.xs, return_features=True)
-        if t_logits.shape[0] != logits.shape[0]:
-            raise DataError(f"c2kd: teacher batch {list(t_logits.shape)} must match student batch "
-                            f"{list(logits.shape)} item for item")
         p, ys = self.params, batch.ys
         yt = batch.yt if batch.yt is not None else ys
         s_proxy = self.extra["student_proxy"](z)

@@ -42,10 +42,7 @@ class DKD(Distiller):
 
     def forward(self, batch):
         logits = self.student(batch.xs)
-        _, t_logits = self.teacher_forward(batch.xt)
-        if t_logits.shape[0] != logits.shape[0]:
-            raise ValueError(f"dkd: teacher batch {list(t_logits.shape)} must match student batch "
-                             f"{list(logits.shape)} item for item")
+        _, t_logits = self.teacher_forward(batch.xt, match=len(batch.xs))
         p = self.params
         tckd, nckd = dkd_terms(logits, t_logits, batch.ys, p.temperature)
         w = self.kd_weight()

@@ -21,10 +21,7 @@ class KD(Distiller):
 
     def forward(self, batch):
         logits = self.student(batch.xs)
-        _, t_logits = self.teacher_forward(batch.xt)
-        if t_logits.shape[0] != logits.shape[0]:
-            raise ValueError(f"kd: teacher batch {list(t_logits.shape)} must match student batch "
-                             f"{list(logits.shape)} item for item")
+        _, t_logits = self.teacher_forward(batch.xt, match=len(batch.xs))
         p = self.params
         return DistillOutput(logits, {"ce": (1 - p.alpha) * F.cross_entropy(logits, batch.ys),
                                       "kd": p.alpha * kd_kl(logits, t_logits, p.temperature)})
