@@ -425,7 +425,7 @@ def load_av(family: str, modality: str, cfg: DataConfig) -> RawModality:
     return RawModality(x=x, y=np.array([cls_index[c.label] for c in clips], dtype=np.int64),
                        classes=list(classes), kind="image", pair_id=np.arange(len(clips), dtype=np.int64),
                        source=f"{layout.title} {modality} ({root})",
-                       split=np.array([c.split for c in clips]))
+                       split=np.array([c.split for c in clips]), fingerprint={"decoded": path.name})
 
 
 def _register(family: str, modality: str) -> None:

@@ -31,6 +31,9 @@ class RawModality:
         train/test lists); validation is carved from "train" when no item is "val".
     groups: optional array [N] of group ids (e.g. speaker/voice): whole groups are held out
         for the test split (group-independent evaluation); validation is carved from the rest.
+    fingerprint: JSON-able dict of everything besides the name that determines the items
+        (generation recipe, files and options); it keys cached teachers, so a changed recipe
+        never reuses a stale teacher.
     """
 
     x: np.ndarray
@@ -41,6 +44,7 @@ class RawModality:
     source: str = ""
     split: Optional[np.ndarray] = None
     groups: Optional[np.ndarray] = None
+    fingerprint: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -186,7 +190,7 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     pid = None if raw.pair_id is None else torch.tensor(raw.pair_id, dtype=torch.long)
     return ModalityData(name=name, kind=raw.kind, x=x, y=torch.tensor(raw.y, dtype=torch.long),
                         classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,
-                        meta={"norm_mean": float(mean), "norm_std": float(std)})
+                        meta={"norm_mean": float(mean), "norm_std": float(std), "fingerprint": dict(raw.fingerprint)})
 
 
 def load_modality(name: str, cfg: DataConfig | None = None) -> ModalityData:

@@ -48,6 +48,7 @@ def digits_signal(cfg: DataConfig) -> RawModality:
     if x.ndim != 2 or x.shape[1] != 40:
         raise DataError(f"{path}: expected mnist1d signals of shape [N, 40], got {list(x.shape)}")
     return RawModality(x=x[:, None].astype(np.float32), y=y.astype(np.int64), classes=DIGIT_CLASSES,
+                       fingerprint={"mnist1d_samples": cfg.mnist1d_samples},
                        kind="signal", source=str(path))
 
 

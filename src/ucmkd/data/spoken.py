@@ -648,4 +648,4 @@ def spoken_digits_audio(cfg: DataConfig) -> RawModality:
     (``voice+variant``), so test speakers are never seen in training."""
     d = load_spoken_digits(cfg.spoken, cache_dir(cfg))
     return RawModality(x=d.x, y=d.y, classes=DIGIT_CLASSES, kind="image", source=str(d.spec_path),
-                       groups=d.speaker)
+                       groups=d.speaker, fingerprint={"spoken": asdict(cfg.spoken)})

@@ -9,6 +9,7 @@ Gap knobs: ``noise``, ``nonlinearity``, ``distractors`` in :class:`~ucmkd.config
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from functools import lru_cache
 
 import numpy as np
@@ -56,11 +57,13 @@ def _classes(cfg: SyntheticConfig) -> list:
 def synthetic_a(cfg: DataConfig) -> RawModality:
     a, _, y = _views(cfg.synthetic)
     return RawModality(x=a, y=y, classes=_classes(cfg.synthetic), kind="vector",
-                       pair_id=np.arange(len(y)), source="synthetic/a")
+                       pair_id=np.arange(len(y)), source="synthetic/a",
+                       fingerprint={"synthetic": asdict(cfg.synthetic)})
 
 
 @register_dataset("synthetic/b")
 def synthetic_b(cfg: DataConfig) -> RawModality:
     _, b, y = _views(cfg.synthetic)
     return RawModality(x=b, y=y, classes=_classes(cfg.synthetic), kind="vector",
-                       pair_id=np.arange(len(y)), source="synthetic/b")
+                       pair_id=np.arange(len(y)), source="synthetic/b",
+                       fingerprint={"synthetic": asdict(cfg.synthetic)})

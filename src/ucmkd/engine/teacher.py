@@ -23,13 +23,8 @@ from .trainer import Trainer, evaluate
 def teacher_key(cfg: RunConfig, data: ModalityData) -> dict:
     """Everything that makes teachers differ (hashed into the cache path)."""
     d = cfg.data
-    dataset = {"name": data.name, "split_seed": d.split_seed, "test_frac": d.test_frac, "val_frac": d.val_frac}
-    if data.name == "digits/signal":
-        dataset["mnist1d_samples"] = d.mnist1d_samples
-    if data.name.startswith("synthetic/"):
-        dataset["synthetic"] = asdict(d.synthetic)
-    if data.name.startswith("npz:"):
-        dataset["n"] = int(len(data.y))
+    dataset = {"name": data.name, "split_seed": d.split_seed, "test_frac": d.test_frac, "val_frac": d.val_frac,
+               **data.meta.get("fingerprint", {})}
     m = cfg.model
     return {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
             "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
