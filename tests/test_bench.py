@@ -142,3 +142,15 @@ def test_exclude_methods(tmp_path):
     assert "Not run" in res["tables"] and "reviewkd in mild" in res["tables"]
     with pytest.raises(ConfigError, match="exclude_methods"):
         suite_cells(tiny_suite(settings={"mild": {"exclude_methods": ["mmd"]}}), tmp_path)
+
+
+def test_a_cell_dir_from_an_older_config_is_set_aside_not_resumed(tmp_path):
+    quiet = {"progress": False, "log": lambda *a: None}
+    one = {"mild": {"overrides": {}}}
+    run_suite(tiny_suite(methods=["ce"], seeds=[0], settings=one), out_dir=tmp_path, **quiet)
+    (tmp_path / "results.jsonl").unlink()
+    (tmp_path / "runs" / "mild" / "ce" / "seed0" / "result.json").unlink()   # as if interrupted
+    edited = {"mild": {"overrides": {"optim.lr": 0.01}}}                  # the suite was edited since
+    res = run_suite(tiny_suite(methods=["ce"], seeds=[0], settings=edited), out_dir=tmp_path, **quiet)
+    assert len(res["results"]) == 1
+    assert list((tmp_path / "runs" / "mild" / "ce").glob("seed0.stale-*"))

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from tqdm.auto import tqdm
 
 from .config import RunConfig, deep_merge, from_dict, nest, to_dict
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, UcmkdError
 
 VARIANT_KEYS = {"method", "params", "overrides"}
 
@@ -146,6 +146,25 @@ def _teacher_for(cfg: RunConfig):
     return student, teacher_data, teacher, info
 
 
+def _set_aside_stale(run_dir: Path, cfg: RunConfig) -> None:
+    """A cell's directory left by an earlier config of the same cell (a suite edited after an
+    interrupted run) is renamed ``<dir>.stale-<old key>``: kept, never resumed, never deleted."""
+    from .api import run_key
+    from .engine.checkpoint import load_checkpoint
+
+    latest = run_dir / "latest.pt"
+    if not latest.is_file():
+        return
+    old = load_checkpoint(latest).get("config_hash")
+    if old != run_key(cfg):
+        target = run_dir.with_name(f"{run_dir.name}.stale-{old}")
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        run_dir.rename(target)
+
+
 def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
     """Worker entry point (also called in-process): train one cell, return its result row."""
     import torch
@@ -155,6 +174,7 @@ def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
     if threads:
         torch.set_num_threads(threads)
     cfg = from_dict(RunConfig, cfg_dict)
+    _set_aside_stale(Path(run_dir), cfg)
     student, teacher_data, teacher, info = _teacher_for(cfg)
     res = run(cfg, run_dir=run_dir, student=student, teacher_data=teacher_data, teacher=teacher,
               teacher_info=info)
@@ -225,10 +245,18 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        try:
             futures = {pool.submit(_run_cell, to_dict(c.cfg), str(c.run_dir), 1): c for c in todo}
             for fut in as_completed(futures):
-                record(futures[fut], fut.result())
+                cell = futures[fut]
+                try:
+                    res = fut.result()
+                except UcmkdError as e:
+                    raise type(e)(f"setting {cell.setting!r}, method {cell.label!r}, seed {cell.seed}: {e}") from None
+                record(cell, res)
+        finally:   # on an error, stop at once: finished runs are in the store, the rest is not started
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     return store.rows_for(cells)
 
