@@ -159,8 +159,9 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]
-    if ran:
+    if ran and any(m != suite.baseline for m in methods):
         heatmap(rows, out / "heatmap.png", ran, methods, suite.baseline, title=suite.name)
+    if ran:
         (out / "bars").mkdir(exist_ok=True)
         for s in ran:
             plot([r for r in rows if r["setting"] == s], out / "bars" / f"{safe_name(s)}.png", methods,
