@@ -154,3 +154,22 @@ def test_a_cell_dir_from_an_older_config_is_set_aside_not_resumed(tmp_path):
     res = run_suite(tiny_suite(methods=["ce"], seeds=[0], settings=edited), out_dir=tmp_path, **quiet)
     assert len(res["results"]) == 1
     assert list((tmp_path / "runs" / "mild" / "ce").glob("seed0.stale-*"))
+
+
+def test_rows_written_before_a_config_field_existed_still_count(tmp_path):
+    quiet = {"progress": False, "log": lambda *a: None}
+    suite = tiny_suite(methods=["ce"], seeds=[0], settings={"mild": {"overrides": {}}})
+    run_suite(suite, out_dir=tmp_path, **quiet)
+    p = tmp_path / "results.jsonl"
+    row = json.loads(p.read_text())
+    del row["config"]["data"]["spoken"]            # as written by a version without that field
+    row["store_key"] = "mild|ce|old-hash"
+    p.write_text(json.dumps(row) + "\n")
+    (tmp_path / "runs" / "mild" / "ce" / "seed0" / "result.json").unlink()   # would retrain if not found
+    res = run_suite(suite, out_dir=tmp_path, **quiet)
+    assert len(res["results"]) == 1 and len(p.read_text().splitlines()) == 1
+    # but a stored field with another value is a different run
+    row["config"]["optim"]["lr"] = 0.5
+    p.write_text(json.dumps(row) + "\n")
+    run_suite(suite, out_dir=tmp_path, **quiet)
+    assert len(p.read_text().splitlines()) == 2

@@ -92,11 +92,26 @@ class ResultStore:
                 if i != len(lines):
                     raise DataError(f"{self.path}: line {i} is not valid JSON") from None
         self.done = {r["store_key"] for r in self.rows if "store_key" in r}
+        self._by_cell: dict = {}
+        for r in self.rows:
+            self._by_cell.setdefault((r.get("setting"), r.get("method"), r.get("seed")), []).append(r)
+
+    def find(self, cell: Cell) -> Optional[dict]:
+        """The latest stored row of ``cell``: same store key, or (for rows written before a
+        config field was added) the same config on every stored field, with the fields the row
+        lacks at their defaults."""
+        key = cell.store_key
+        cands = self._by_cell.get((cell.setting, cell.label, cell.seed), [])
+        exact = [r for r in cands if r.get("store_key") == key]
+        if exact:
+            return exact[-1]
+        new = to_dict(cell.cfg)
+        compatible = [r for r in cands if "config" in r and _compatible(r["config"], new, _DEFAULTS)]
+        return compatible[-1] if compatible else None
 
     def rows_for(self, cells: list) -> list[dict]:
         """The latest stored row of each of ``cells`` that has finished."""
-        wanted = {c.store_key for c in cells}
-        return list({r["store_key"]: r for r in self.rows if r.get("store_key") in wanted}.values())
+        return [r for r in (self.find(c) for c in cells) if r is not None]
 
     def append(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +121,29 @@ class ResultStore:
             os.fsync(f.fileno())
         self.rows.append(row)
         self.done.add(row["store_key"])
+        self._by_cell.setdefault((row.get("setting"), row.get("method"), row.get("seed")), []).append(row)
+
+
+_DEFAULTS = to_dict(RunConfig())
+
+
+def _compatible(old, new, default) -> bool:
+    """``old`` (a stored config) equals ``new`` on every field it has, and every field only
+    ``new`` has is at its default (a field added later must default to the old behaviour)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if set(old) - set(new):
+            return False
+        for k, v in new.items():
+            d = default.get(k) if isinstance(default, dict) else None
+            if k in old:
+                if not _compatible(old[k], v, d):
+                    return False
+            elif v != d:
+                return False
+        return True
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return list(old) == list(new)
+    return old == new
 
 
 @lru_cache(maxsize=1)
@@ -212,7 +250,7 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
     Teachers are trained (or loaded from the cache) first, in this process; then the cells
     run, in ``workers`` spawned processes of one thread each when ``workers > 1``.
     """
-    todo = [c for c in cells if c.store_key not in store.done]
+    todo = [c for c in cells if store.find(c) is None]
     preflight(todo)
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} runs already in {store.path}; running {len(todo)}")
