@@ -58,6 +58,13 @@ def make_ravdess(root, seed=0, per_split=(("train", 4), ("val", 1), ("test", 2))
     return root
 
 
+def _pickled_clip(root, audio_dir, frame_dir, cid, rng, ci, j):
+    """One clip of the pickled-feature layouts: <audio_dir>/<cid>.pkl and <frame_dir>/<cid>/ frames."""
+    with open(root / audio_dir / f"{cid}.pkl", "wb") as f:
+        pickle.dump(_feat(rng, ci, j), f)
+    _frame_folder(root / frame_dir / cid, rng, ci)
+
+
 def make_cremad(root, seed=0):
     """CREMA-D: stat.csv (class list), train.csv/test.csv (id,class), Audio-1004/<id>.pkl,
     Image-01-FPS/<id>/ frames. No validation list."""
@@ -70,9 +77,7 @@ def make_cremad(root, seed=0):
         for ci, c in enumerate(classes):
             for j in range(n):
                 cid = f"10{ci}{j}_{split}_{c}"
-                with open(root / "Audio-1004" / f"{cid}.pkl", "wb") as f:
-                    pickle.dump(_feat(rng, ci, j), f)
-                _frame_folder(root / "Image-01-FPS" / cid, rng, ci)
+                _pickled_clip(root, "Audio-1004", "Image-01-FPS", cid, rng, ci, j)
                 rows.append(f"{cid},{c}\n")
         (root / f"{split}.csv").write_text("".join(rows))
     return root
@@ -89,9 +94,7 @@ def make_set_lists(root, seed=0, classes=("Dog", "Church bell", "Acoustic guitar
         for ci, c in enumerate(classes):
             for j in range(n):
                 cid = f"{split[:2]}{ci}{j}xYz"
-                with open(root / "Audio-1004-SE" / f"{cid}.pkl", "wb") as f:
-                    pickle.dump(_feat(rng, ci, j), f)
-                _frame_folder(root / "Image-01-FPS-SE" / cid, rng, ci)
+                _pickled_clip(root, "Audio-1004-SE", "Image-01-FPS-SE", cid, rng, ci, j)
                 lines.append(f"{c}&{cid}&good&0&10\n")
         (root / f"{split}Set.txt").write_text("".join(lines))
     return root
