@@ -56,7 +56,9 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
     saved as ``config.yaml``, and a finished run (``result.json`` with the same key) is reused.
 
     Result keys: method, seed, teacher/student names, test_acc (at best val epoch), val_acc,
-    best_epoch, last_test_acc, teacher_test_acc, seconds, run_dir, key.
+    best_epoch, last_test_acc, teacher_test_acc, seconds, run_dir, key; ``selected``
+    ("student", or "fallback" when a validation-gated method fell back) and ``candidates``
+    (each candidate's best-validation epoch, val and test accuracy).
     """
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
@@ -86,7 +88,8 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
     distiller = method_cls(model, teacher, params)
     sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
                              cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
-                             unlabelled=method_cls.uses_unlabelled)
+                             unlabelled=distiller.uses_unlabelled,
+                             require_unlabelled=distiller.requires_unlabelled)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -107,6 +110,7 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
         "method": cfg.method.name, "seed": cfg.seed, "teacher": cfg.data.teacher, "student": cfg.data.student,
         "test_acc": fit.test_acc, "val_acc": fit.val_acc, "best_epoch": fit.best_epoch,
         "last_test_acc": fit.last_test_acc, "epochs": fit.epochs,
+        "selected": fit.selected, "candidates": fit.candidates,
         "teacher_test_acc": (teacher_info or {}).get("test_acc", float("nan")),
         "seconds": time.time() - t0, "sampler": sampler.summary(),
         **{f"diag_{k}": v for k, v in diag.items()},

@@ -19,7 +19,7 @@ import numpy as np
 from .config import SettingConfig, SuiteConfig, builtin_yaml, from_dict, resolve_yaml, save_config
 from .errors import ConfigError
 from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
-from .report import plot, summarise, write_csv
+from .report import plot, summarise, ucmkd_report, write_csv
 
 
 def builtin_suites() -> list[str]:
@@ -156,6 +156,11 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
     if excluded:
         tables += "\nNot run (the method cannot apply to the setting's backbones): " + ", ".join(excluded) + "."
     (out / "tables.md").write_text(tables + "\n")
+    if "ucmkd" in methods and suite.baseline in methods:
+        others = [m for m in methods if m != suite.baseline and not m.startswith("ucmkd")
+                  and m not in suite.variants and m != "pseudo-label"]
+        (out / "ucmkd.md").write_text(ucmkd_report(results, list(settings), others + ["pseudo-label"],
+                                                   suite.baseline) + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]

@@ -134,3 +134,93 @@ def plot(rows: list[dict], path: str | Path, method_order: list[str] | None = No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- ucmkd report
+NO_GATE = "ucmkd-no-gate"
+
+
+def with_no_gate(results: list[dict], method: str = "ucmkd") -> list[dict]:
+    """``results`` plus, for every ``method`` run that recorded its candidates, a row
+    ``ucmkd-no-gate`` with the distilled candidate's numbers: the same run without the
+    validation-gated fallback (the shadow never touches the distilled student)."""
+    extra = []
+    for r in results:
+        cand = (r.get("candidates") or {}).get("student")
+        if r["method"] == method and cand is not None:
+            extra.append({**r, "method": NO_GATE, "test_acc": cand["test_acc"], "val_acc": cand["val_acc"]})
+    return results + extra
+
+
+def _fmt_delta(r: dict | None) -> str:
+    if r is None or math.isnan(r["delta_mean"]):
+        return "-"
+    mark = " *" if _ci_excludes_zero(r) else ""
+    return f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}"
+
+
+def _ci_excludes_zero(r: dict) -> bool:
+    return not math.isnan(r["ci_low"]) and (r["ci_low"] > 0 or r["ci_high"] < 0)
+
+
+def ucmkd_report(results: list[dict], settings: list[str], baselines: list[str], baseline: str = "ce",
+                 method: str = "ucmkd", paper: tuple = ("ucmkd-joint", "ucmkd-bilevel"),
+                 semi: str = "pseudo-label", ablation_prefix: str = "ucmkd-no-") -> str:
+    """Markdown: (1) headline, per setting: ``baseline`` accuracy, then the paired delta
+    [95 % t-CI] of ``method``, the paper's methods, the teacher-free ``semi`` control and the
+    best of ``baselines`` (by mean delta), and how often the fallback was chosen; (2) the mean
+    delta over settings of every method (the suite's mean delta); (3) the ablation table: for
+    each ingredient removed, its delta vs ``method`` paired by seed (negative = the ingredient helps)."""
+    results = with_no_gate(results, method)
+    rows = {(r["setting"], r["method"]): r for r in summarise(results, baseline=baseline, by=("setting",))}
+    sel = {}
+    for r in results:
+        if r["method"] == method:
+            sel.setdefault(r["setting"], []).append(r.get("selected") == "fallback")
+    out = [f"| setting | teacher % | {baseline} % | **{method}** | " + " | ".join(paper)
+           + f" | {semi} (no teacher) | best baseline | fallback chosen |",
+           "|---|---|---|---|" + "---|" * len(paper) + "---|---|---|"]
+    for s in settings:
+        b = rows.get((s, baseline))
+        if b is None or (s, method) not in rows:
+            continue
+        cands = [rows[(s, m)] for m in baselines if (s, m) in rows]
+        best = max(cands, key=lambda r: r["delta_mean"]) if cands else None
+        best_txt = f"{best['method']} {_fmt_delta(best)}" if best else "-"
+        fb = sel.get(s, [])
+        out.append(f"| {s} | {b['teacher_acc']:.1f} | {b['acc_mean']:.1f} +- {b['acc_std']:.1f} | "
+                   f"**{_fmt_delta(rows[(s, method)])}** | "
+                   + " | ".join(_fmt_delta(rows.get((s, m))) for m in paper)
+                   + f" | {_fmt_delta(rows.get((s, semi)))} | {best_txt} | {sum(fb)}/{len(fb)} |")
+    out += ["", "Deltas: pp vs " + baseline + ", mean over seeds paired by seed, [95 % Student-t CI]; "
+            "`*`: the CI excludes 0.", ""]
+    # suite mean delta of every method that ran in every listed setting
+    methods = sorted({m for (_, m) in rows if m != baseline})
+    means = []
+    for m in methods:
+        ds = [rows[(s, m)]["delta_mean"] for s in settings if (s, m) in rows]
+        if len(ds) == len([s for s in settings if (s, baseline) in rows]):
+            means.append((float(np.mean(ds)), m, min(ds), sum(_ci_excludes_zero(rows[(s, m)]) and
+                                                            rows[(s, m)]["delta_mean"] > 0 for s in settings)))
+    out += ["| method | mean delta vs " + baseline + " over settings (pp) | worst setting (pp) | "
+            "settings with CI > 0 |", "|---|---|---|---|"]
+    for mean, m, worst, wins in sorted(means, reverse=True):
+        out.append(f"| {m} | {mean:+.2f} | {worst:+.1f} | {wins} |")
+    # ablations: paired by seed against the full method
+    abl = sorted({m for (_, m) in rows if m.startswith(ablation_prefix) or m == NO_GATE})
+    if abl:
+        full = summarise([r for r in results if r["method"] in [method] + abl], baseline=method, by=("setting",))
+        ab = {(r["setting"], r["method"]): r for r in full}
+        out += ["", f"Ablation: delta vs the full `{method}` (pp, paired by seed; negative = removing it hurts)", "",
+                f"| setting | {method} vs {baseline} | " + " | ".join(abl) + " |", "|---|---|" + "---|" * len(abl)]
+        for s in settings:
+            if (s, method) not in rows or not any((s, m) in ab for m in abl):
+                continue
+            out.append(f"| {s} | {_fmt_delta(rows[(s, method)])} | "
+                       + " | ".join(_fmt_delta(ab.get((s, m))) for m in abl) + " |")
+        mean_row = []
+        for m in abl:
+            ds = [ab[(s, m)]["delta_mean"] for s in settings if (s, m) in ab]
+            mean_row.append(f"{np.mean(ds):+.2f} ({len(ds)} settings)" if ds else "-")
+        out.append("| mean | | " + " | ".join(mean_row) + " |")
+    return "\n".join(out)

@@ -99,16 +99,18 @@ class PairingSampler:
         steps_per_epoch: None = ceil(n_labelled / B).
         seed: run seed (chooses the labelled subset, pools and batches).
         unlabelled: also yield unlabelled student batches ``xu``.
+        require_unlabelled: with ``unlabelled``, an empty unlabelled pool is an error (else
+            batches simply carry ``xu = None``).
     """
 
     def __init__(self, student: ModalityData, teacher: Optional[ModalityData], cfg: PairingConfig,
                  batch_size: int, steps_per_epoch: Optional[int] = None, seed: int = 0,
-                 unlabelled: bool = False):
+                 unlabelled: bool = False, require_unlabelled: bool = True):
         validate_pairing(cfg)
         if teacher is not None:
             check_compatible(student, teacher)
         self.student, self.teacher, self.cfg = student, teacher, cfg
-        self.seed, self.want_unlabelled = seed, unlabelled
+        self.seed = seed
         self.num_classes = student.num_classes
         rng = np.random.default_rng([seed, 1009])
         s_pool = student.splits["train"].numpy()
@@ -135,6 +137,9 @@ class PairingSampler:
                                         f"{teacher.classes[c]!r} (after the pairing stress options)")
             if cfg.mode == "paired":
                 self._pair_map = self._build_pair_map()
+        if unlabelled and len(unlab) == 0 and not require_unlabelled:
+            unlabelled = False
+        self.want_unlabelled = unlabelled
         if unlabelled and len(unlab) == 0:
             raise DataError(f"the method uses unlabelled student data but the student pool of "
                             f"{student.name!r} has none (pairing.label_budget={cfg.label_budget})")

@@ -50,9 +50,10 @@ class StandardStrategy(Strategy):
         _check_finite(out.losses, f"method {self.distiller.name!r}")
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
-        _clip(self.distiller.trainable_parameters(), self.clip_norm, f"method {self.distiller.name!r}")
+        for group in self.distiller.clip_groups():
+            _clip(group, self.clip_norm, f"method {self.distiller.name!r}")
         self.optimizer.step()
-        return {k: float(v.detach()) for k, v in out.losses.items()}
+        return {**{k: float(v.detach()) for k, v in out.losses.items()}, **out.metrics}
 
 
 def _sub(d: dict, prefix: str) -> dict:

@@ -3,6 +3,12 @@
 AdamW with linear warm-up then cosine decay (per step), gradient-norm clipping, validation
 every epoch, test accuracy recorded at the best validation epoch (never used to select),
 ``latest.pt``/``best.pt`` full-state checkpoints with exact resume, metrics as JSONL + CSV.
+
+Validation-gated fallback: a method whose ``fallback_model()`` returns a model (a plain-CE
+shadow of the student trained on the same labelled batches) has that model validated every
+epoch too; if its best validation accuracy beats the distilled student's, the run falls back
+to it (its weights are loaded into the student), so distillation that hurts is detected on
+validation and undone. Both candidates' numbers are recorded.
 """
 from __future__ import annotations
 
@@ -61,6 +67,8 @@ class FitResult:
     epochs: int
     seconds: float
     history: list = field(default_factory=list)
+    selected: str = "student"   # "student" or "fallback" (the validation-gated choice)
+    candidates: dict = field(default_factory=dict)   # name -> {epoch, val_acc, val_loss, test_acc}
 
 
 def _clone_state(state: dict) -> dict:
@@ -96,13 +104,17 @@ class Trainer:
         self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": float("inf"), "test_acc": float("nan")}
         self.history: list = []
         self.best_state: Optional[dict] = None
+        self.fallback = distiller.fallback_model()
+        self.best_fb = dict(self.best)
+        self.best_fb_state: Optional[dict] = None
         self._eval = {s: data.split(s) for s in ("val", "test")}
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         return {"model": self.distiller.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch, "step": self.step_count, "best": dict(self.best),
-                "history": list(self.history), "config_hash": self.config_hash, "rng": rng_state()}
+                "best_fallback": dict(self.best_fb), "history": list(self.history),
+                "config_hash": self.config_hash, "rng": rng_state()}
 
     def load_state(self, st: dict, source: str = "checkpoint") -> None:
         if self.config_hash and st.get("config_hash") != self.config_hash:
@@ -112,6 +124,7 @@ class Trainer:
         self.optimizer.load_state_dict(st["optimizer"])
         self.epoch, self.step_count = st["epoch"], st["step"]
         self.best, self.history = dict(st["best"]), list(st["history"])
+        self.best_fb = dict(st.get("best_fallback", self.best_fb))
         set_rng_state(st["rng"])
 
     def maybe_resume(self) -> bool:
@@ -161,18 +174,44 @@ class Trainer:
                         if improved or self.epoch == self.optim.epochs else None)
             row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()},
                    "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+            fb_improved = self._validate_fallback(row)
+            row.update(self.distiller.calibrate(*(t.to(self.device) for t in self._eval["val"])))
             self.history.append(row)
             if improved:
                 self.best = {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
                 self.best_state = _clone_state(self.distiller.trainable_state_dict())
-            self._persist(improved)
+            self._persist(improved, fb_improved)
             bar.set_postfix(val=f"{val_acc:.3f}", best=f"{self.best['val_acc']:.3f}")
         bar.close()
         last = self.history[-1] if self.history else {"val_acc": float("nan"), "test_acc": float("nan")}
-        return FitResult(best_epoch=self.best["epoch"], val_acc=self.best["val_acc"], test_acc=self.best["test_acc"],
+        selected = "fallback" if self.fallback_selected() else "student"
+        chosen = self.best_fb if selected == "fallback" else self.best
+        cands = {"student": dict(self.best)}
+        if self.fallback is not None:
+            cands["fallback"] = dict(self.best_fb)
+        return FitResult(best_epoch=chosen["epoch"], val_acc=chosen["val_acc"], test_acc=chosen["test_acc"],
                          last_val_acc=last["val_acc"], epochs=self.epoch,
                          last_test_acc=float("nan") if last["test_acc"] is None else last["test_acc"],
-                         seconds=time.time() - t0, history=list(self.history))
+                         seconds=time.time() - t0, history=list(self.history), selected=selected,
+                         candidates=cands)
+
+    def _validate_fallback(self, row: dict) -> bool:
+        """Validate the fallback model (if any) into ``row``; keep its best state. -> improved?"""
+        if self.fallback is None:
+            return False
+        val_acc, val_loss = evaluate(self.fallback, *self._eval["val"], self.device)
+        improved = (val_acc, -val_loss) > (self.best_fb["val_acc"], -self.best_fb["val_loss"])
+        test_acc = (evaluate(self.fallback, *self._eval["test"], self.device)[0]
+                    if improved or self.epoch == self.optim.epochs else None)
+        row.update(fallback_val_acc=val_acc, fallback_val_loss=val_loss, fallback_test_acc=test_acc)
+        if improved:
+            self.best_fb = {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+            self.best_fb_state = {n: t.detach().clone() for n, t in self.fallback.state_dict().items()}
+        return improved
+
+    def fallback_selected(self) -> bool:
+        """True when the fallback's best validation accuracy is strictly above the student's."""
+        return self.fallback is not None and self.best_fb["val_acc"] > self.best["val_acc"]
 
     def restore_best(self) -> None:
         """Load the best-validation weights into the distiller (from memory or ``best.pt``)."""
@@ -180,8 +219,12 @@ class Trainer:
             self.best_state = load_checkpoint(self.run_dir / "best.pt")["model"]
         if self.best_state is not None:
             self.distiller.load_trainable_state_dict(self.best_state)
+        if self.fallback_selected():
+            if self.best_fb_state is None and self.run_dir is not None:
+                self.best_fb_state = load_checkpoint(self.run_dir / "best_fallback.pt")["model"]
+            self.distiller.student.load_state_dict(self.best_fb_state)
 
-    def _persist(self, improved: bool) -> None:
+    def _persist(self, improved: bool, fb_improved: bool = False) -> None:
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +233,9 @@ class Trainer:
         if improved:
             save_checkpoint({"model": state["model"], "best": state["best"], "config_hash": self.config_hash},
                             self.run_dir / "best.pt")
+        if fb_improved:
+            save_checkpoint({"model": self.best_fb_state, "best": dict(self.best_fb), "config_hash": self.config_hash},
+                            self.run_dir / "best_fallback.pt")
         with open(self.run_dir / "metrics.jsonl", "w") as f:
             for row in self.history:
                 f.write(json.dumps(row) + "\n")

@@ -271,6 +271,7 @@ def sinkhorn_cost(
     n_iter: int = 100,
     backend: str = "torch",
     grad: str = "autodiff",
+    extra_cost: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Entropic OT transport cost ``<P, C>`` between ``zs`` [B, d] and ``zt`` [M, d].
 
@@ -286,6 +287,10 @@ def sinkhorn_cost(
             (``ot.sinkhorn2``, the reference) or ``"geomloss"``.
         grad: ``"autodiff"`` (through the iterations) or ``"detach"`` (plan detached,
             gradient through C only).  ``geomloss`` supports only ``"detach"``.
+        extra_cost: optional [B, M] cost added to the ground cost, e.g. a label cost
+            ``lam * [y_i != y_j]`` that makes transport across classes expensive (joint
+            feature-label OT). Not supported by ``geomloss`` (its cost is a function of
+            the points only).
 
     Returns:
         0-dim tensor, ``sum_ij P_ij C_ij`` in cost units, dtype of ``zs`` promoted to
@@ -315,6 +320,12 @@ def sinkhorn_cost(
     zs, zt = _check_features(zs, zt)
     eps = float(eps)
     C = _pairwise_cost(zs, zt, metric)
+    if extra_cost is not None:
+        if backend == "geomloss":
+            raise ConfigError(f"{_PREFIX}: extra_cost (label-aware OT) needs backend 'pot' or 'torch'")
+        if tuple(extra_cost.shape) != tuple(C.shape):
+            raise DataError(f"{_PREFIX}: extra_cost {list(extra_cost.shape)} must be [B, M] = {list(C.shape)}")
+        C = C + extra_cost.to(C.dtype).detach()
     if backend == "torch":
         out = _torch_cost(C, eps, n_iter, grad)
     elif backend == "pot":
@@ -354,12 +365,12 @@ class FeatureAlignmentLoss(torch.nn.Module):
         self.backend = backend
         self.grad = grad
 
-    def forward(self, zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+    def forward(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(zt, torch.Tensor):
             zt = zt.detach()
         return sinkhorn_cost(
             zs, zt, metric=self.metric, eps=self.eps, n_iter=self.n_iter,
-            backend=self.backend, grad=self.grad,
+            backend=self.backend, grad=self.grad, extra_cost=extra_cost,
         )
 
     def extra_repr(self) -> str:

@@ -40,10 +40,12 @@ class NoParams:
 
 @dataclass
 class DistillOutput:
-    """logits: student logits on ``batch.xs`` [B, K]; losses: name -> weighted scalar."""
+    """logits: student logits on ``batch.xs`` [B, K]; losses: name -> weighted scalar (summed
+    into the objective); metrics: name -> float logged alongside (not optimised)."""
 
     logits: torch.Tensor
     losses: dict
+    metrics: dict = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> torch.Tensor:
@@ -58,6 +60,8 @@ class Distiller(nn.Module):
         Params: dataclass of its hyperparameters (validated from ``method.params``).
         uses_teacher: needs a teacher batch and a trained teacher.
         uses_unlabelled: consumes ``batch.xu`` (unlabelled student items).
+        requires_unlabelled: with ``uses_unlabelled``, an empty unlabelled pool is an error
+            (False: the method then trains without ``xu``).
         needs_pairs: only meaningful with ``pairing.mode: paired``.
         projects_features: compares student features with teacher features, so a learned
             projector ``extra["projector"]`` (d_s -> d_t) is added when the dims differ.
@@ -68,6 +72,7 @@ class Distiller(nn.Module):
     Params: type = NoParams
     uses_teacher = True
     uses_unlabelled = False
+    requires_unlabelled = True
     needs_pairs = False
     projects_features = False
     strategy = "standard"
@@ -115,6 +120,23 @@ class Distiller(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.student.parameters()) + list(self.extra.parameters())
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradient norms are clipped separately (default: one group).
+        A method with an independent model (a fallback shadow) keeps it in its own group so
+        that it never changes the distilled student's update."""
+        return [self.trainable_parameters()]
+
+    def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
+        """Called by the trainer after each epoch with the labelled validation split (x [N, ...],
+        y [N]); a method may tune a data-dependent setting on it (never on test). Returns
+        metrics to log (default: none)."""
+        return {}
+
+    def fallback_model(self) -> Optional[nn.Module]:
+        """A model trained alongside the student that the trainer falls back to when it
+        validates better (see :mod:`ucmkd.engine.trainer`); None (default): no fallback."""
+        return None
 
     def trainable_state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "extra": self.extra.state_dict()}

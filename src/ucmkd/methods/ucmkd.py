@@ -1,0 +1,203 @@
+"""``ucmkd``: the library's default unpaired cross-modal distiller.
+
+It keeps the paper's decomposition (student error <= teacher error + feature alignment (FA)
++ label alignment (LA)) but makes each term use what an unpaired setting does share, the
+classes, and adds the student's own unlabelled data. See ``docs/method.md`` for the evidence.
+
+Per batch (labelled student items x_l with labels y, unlabelled student items x_u, teacher
+items x_t with their labels y_t, never paired with the student's):
+
+- ``ce``: CE(h_S(z_l), y).
+- ``kd`` (LA on the student head): decoupled KD (TCKD + beta * NCKD) towards the teacher's
+  *class-mean* logits for y, running means over the teacher batches (:class:`ClassPrototypes`):
+  the teacher's class-similarity structure, which needs no pairs.
+- ``la`` (LA through the teacher head, with the sign that makes it agree with the labels):
+  CE(h_T(P z_l), y), h_T frozen, P the projector (identity when dims match).
+- ``fa`` (label-aware FA): entropic OT between P z_l and teacher features with ground cost
+  cos + lam * [y_i != y_t,j], so mass moves within classes only (the paper's FA is label-blind).
+- unlabelled items: pseudo-labels from the student head averaged with the teacher head on
+  P z_u, kept when confident (>= tau); they get the CE (``pl``) and the same class-level KD
+  and teacher-head terms, weighted by the confident fraction.
+- a validation-gated fallback: a plain-CE shadow of the student, trained on the same
+  labelled batches; the trainer keeps whichever validates better.
+All distillation weights ramp 0 -> 1 over ``warmup``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..losses.dkd import dkd_terms
+from ..losses.prototypes import ClassPrototypes
+from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
+from .base import DistillOutput, Distiller, register_method
+from .fa_only import OTParams, make_fa
+from .pseudo_label import SemiParams, check_semi, split_forward
+
+
+@register_method("ucmkd")
+class UCMKD(Distiller):
+    """CE + class-level DKD + teacher-head CE + label-aware OT + teacher-guided pseudo-labels,
+    with a validation-gated CE fallback (module docstring). Every ingredient has its own
+    switch, so each can be removed in an ablation."""
+
+    projects_features = True
+    uses_unlabelled = True
+    requires_unlabelled = False     # fully labelled data: the unlabelled terms are skipped
+
+    @dataclass
+    class Params(SemiParams, OTParams):
+        threshold: float = 0.5      # lowest pseudo-label confidence the calibration may choose
+        w_kd: float = 1.0           # class-level decoupled KD on the student head
+        kd_alpha: float = 1.0       # TCKD weight inside the KD term
+        kd_beta: float = 8.0        # NCKD weight inside the KD term
+        temperature: float = 4.0
+        kd_target: str = "item"     # item: a same-class teacher item of the batch | mean: class-mean logits
+        w_la: float = 1.0           # CE of the frozen teacher head on (projected) student features
+        w_fa: float = 1.0           # label-aware OT between student and teacher features
+        label_cost: float = 1.0     # OT cost added across classes (cosine cost is in [0, 2])
+        unlabelled: bool = True     # use the student's unlabelled items (pseudo-labels)
+        teacher_vote: bool = True   # pseudo-labels average the student and teacher heads
+        fallback: bool = True       # validation-gated fallback to a plain-CE shadow
+        momentum: float = 0.99      # teacher class-mean EMA (per item)
+        align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
+        precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
+
+    def __init__(self, student, teacher, params=None):
+        super().__init__(student, teacher, params)
+        p = self.params
+        check_semi(self.name, p)
+        for k in ("w_kd", "w_la", "w_fa", "label_cost", "kd_alpha", "kd_beta"):
+            if getattr(p, k) < 0:
+                raise ConfigError(f"method 'ucmkd': {k} must be >= 0, got {getattr(p, k)}")
+        if not p.temperature > 0:
+            raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
+        if p.kd_target not in ("item", "mean"):
+            raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
+        self.fa = make_fa(p)
+        self.extra["protos"] = ClassPrototypes(teacher.num_classes, teacher.feat_dim, p.momentum)
+        self.extra["prior"] = PriorAlignment(teacher.num_classes)
+        if p.fallback:
+            self.extra["fallback"] = copy.deepcopy(student)
+        self.uses_unlabelled = p.unlabelled
+
+    # ----------------------------------------------------------------- fallback plumbing
+    def fallback_model(self):
+        return self.extra["fallback"] if "fallback" in self.extra else None
+
+    def clip_groups(self):
+        fb = self.fallback_model()
+        if fb is None:
+            return super().clip_groups()
+        fb_ids = {id(q) for q in fb.parameters()}
+        return [[q for q in self.trainable_parameters() if id(q) not in fb_ids], list(fb.parameters())]
+
+    # ----------------------------------------------------------------- validation calibration
+    @torch.no_grad()
+    def _pseudo_probs(self, logits_u, zpu, update: bool = True):
+        p = self.params
+        probs = logits_u.softmax(1)
+        if p.teacher_vote:
+            probs = 0.5 * (probs + self.teacher.head(zpu).softmax(1))
+        if p.align_prior:
+            probs = self.extra["prior"].align(probs, self.extra["protos"].count, update=update)
+        return probs
+
+    @torch.no_grad()
+    def calibrate(self, x_val, y_val) -> dict:
+        """Set the pseudo-label threshold to the lowest grid value whose confident validation
+        predictions reach ``precision`` (with at least 5 % of items confident); none: the
+        unlabelled terms pause for the next epoch (threshold > 1)."""
+        p = self.params
+        if not (p.unlabelled and p.precision > 0):
+            return {}
+        was = self.student.training
+        self.student.eval()
+        z, logits = self.student(x_val, return_features=True)
+        self.student.train(was)
+        conf, pred = self._pseudo_probs(logits, self.project(z), update=False).max(1)
+        correct = (pred == y_val).float()
+        tau = 2.0
+        for t in sorted({p.threshold, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99}):
+            sel = conf >= t
+            if t >= p.threshold and sel.float().mean() >= 0.05 and correct[sel].mean() >= p.precision:
+                tau = t
+                break
+        self.extra["prior"].threshold.fill_(tau)
+        return {"pl_threshold": tau}
+
+    # ----------------------------------------------------------------- terms
+    def _class_targets(self, y: torch.Tensor, yt: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+        """Teacher logits [B, K] for student labels y [B]: a random teacher item of the same
+        class from the teacher batch (yt [M], t_logits [M, K]) when ``kd_target='item'`` and
+        one is there, else the teacher's running class mean."""
+        target = self.extra["protos"].logits[y].clone()
+        if self.params.kd_target == "item":
+            same = (y[:, None] == yt[None, :]).float()                      # [B, M]
+            has = same.sum(1) > 0
+            if has.any():
+                pick = torch.multinomial(same[has], 1).squeeze(1)
+                target[has] = t_logits[pick]
+        return target
+
+    def _class_kd(self, logits: torch.Tensor, y: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
+        """Decoupled KD of logits [B, K] towards teacher logits t_target [B, K] for classes y [B]."""
+        p = self.params
+        known = self.extra["protos"].known(y)
+        if not known.any():
+            return logits.sum() * 0.0
+        tckd, nckd = dkd_terms(logits[known], t_target[known], y[known], p.temperature)
+        return (p.kd_alpha * tckd + p.kd_beta * nckd) * known.float().mean()
+
+    def _teacher_terms(self, logits, zp, y, t_target, weight: float = 1.0) -> dict:
+        p = self.params
+        out = {}
+        if p.w_kd > 0:
+            out["kd"] = p.w_kd * weight * self._class_kd(logits, y, t_target)
+        if p.w_la > 0:
+            out["la"] = p.w_la * weight * F.cross_entropy(self.teacher.head(zp), y)
+        return out
+
+    def forward(self, batch):
+        p = self.params
+        zt, t_logits = self.teacher_forward(batch.xt)
+        if batch.yt is None:
+            raise ConfigError("method 'ucmkd' needs teacher labels y_t in the batch")
+        self.extra["protos"].update(zt, t_logits, batch.yt)
+        use_u = p.unlabelled and batch.xu is not None
+        if use_u:
+            z, logits, zu, logits_u = split_forward(self.student, batch.xs, batch.xu)
+        else:
+            z, logits = self.student(batch.xs, return_features=True)
+        w = ramp(self.progress, p.warmup)
+        zp = self.project(z)
+        losses = {"ce": F.cross_entropy(logits, batch.ys)}
+        target = self._class_targets(batch.ys, batch.yt, t_logits)
+        losses.update({k: w * v for k, v in self._teacher_terms(logits, zp, batch.ys, target).items()})
+        if p.w_fa > 0:
+            cross = (batch.ys[:, None] != batch.yt[None, :]).to(zp.dtype) * p.label_cost
+            losses["fa"] = w * p.w_fa * self.fa(zp, zt, extra_cost=cross)
+        metrics = {}
+        if use_u:
+            zpu = self.project(zu)
+            probs = self._pseudo_probs(logits_u, zpu)
+            tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
+            yhat, mask = confident_targets(probs, min(tau, 1.0))
+            if tau > 1.0:
+                mask = torch.zeros_like(mask)
+            wu = w * p.w_u
+            losses["pl"] = wu * masked_ce(logits_u, yhat, mask)
+            if mask.any():
+                frac = float(mask.float().mean())
+                target_u = self._class_targets(yhat[mask], batch.yt, t_logits)
+                for k, v in self._teacher_terms(logits_u[mask], zpu[mask], yhat[mask], target_u, frac).items():
+                    losses[f"{k}_u"] = wu * v
+            metrics["pl_mask"] = float(mask.float().mean())
+        fb = self.fallback_model()
+        if fb is not None:
+            losses["ce_fallback"] = F.cross_entropy(fb(batch.xs), batch.ys)
+        return DistillOutput(logits, losses, metrics)

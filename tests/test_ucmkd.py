@@ -1,0 +1,308 @@
+"""The default distiller ``ucmkd``, its teacher-free control ``pseudo-label``, and the pieces
+they are built from (pseudo-label terms, prior alignment, class prototypes, label-aware OT,
+validation calibration, the validation-gated fallback)."""
+import json
+import math
+
+import numpy as np
+import ot
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ucmkd.config import OptimConfig, PairingConfig
+from ucmkd.data.pairing import Batch, PairingSampler
+from ucmkd.engine.strategies import STRATEGIES
+from ucmkd.engine.trainer import Trainer
+from ucmkd.errors import ConfigError, DataError
+from ucmkd.losses.dkd import dkd_terms
+from ucmkd.losses.ot import sinkhorn_cost, cost_matrix
+from ucmkd.losses.prototypes import ClassPrototypes
+from ucmkd.losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
+from ucmkd.methods import METHODS, build_distiller
+from ucmkd.methods.base import DistillOutput, Distiller
+
+from helpers import tiny
+
+
+@pytest.fixture
+def synth_pair():
+    """(student, teacher) synthetic modalities, 400 items, 4 classes."""
+    from ucmkd.config import DataConfig, SyntheticConfig
+    from ucmkd.data import load_modality
+
+    cfg = DataConfig()
+    cfg.synthetic = SyntheticConfig(n_items=400, num_classes=4)
+    return load_modality("synthetic/b", cfg), load_modality("synthetic/a", cfg)
+
+
+# ----------------------------------------------------------------------------- loss pieces
+def test_confident_targets_and_masked_ce():
+    probs = torch.tensor([[0.97, 0.02, 0.01], [0.4, 0.35, 0.25], [0.05, 0.05, 0.9]])
+    labels, mask = confident_targets(probs, 0.9)
+    assert labels.tolist() == [0, 0, 2] and mask.tolist() == [True, False, True]
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    assert torch.allclose(masked_ce(logits, labels, mask), (ce[0] + ce[2]) / 3)   # normalised by B
+    assert float(masked_ce(logits, labels, torch.zeros(3, dtype=torch.bool))) == 0.0
+    with pytest.raises(ValueError, match="threshold"):
+        confident_targets(probs, 1.5)
+    assert ramp(0.05, 0.1) == pytest.approx(0.5) and ramp(0.5, 0.1) == 1.0 and ramp(0.0, 0.0) == 1.0
+
+
+def test_prior_alignment_undoes_a_collapse_onto_one_class():
+    pa = PriorAlignment(3, momentum=0.0)          # running mean = this batch's mean
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.6, 0.1, 0.3]])
+    q = pa.align(probs, torch.tensor([10.0, 10.0, 10.0]))
+    assert torch.allclose(q.sum(1), torch.ones(3))
+    # q ∝ p / mean_p: class 0 is over-predicted, so its share falls
+    expected = probs / probs.mean(0)
+    assert torch.allclose(q, expected / expected.sum(1, keepdim=True))
+    assert float(q[:, 0].mean()) < float(probs[:, 0].mean())
+    before = pa.mean_p.clone()
+    pa.align(torch.full((2, 3), 1 / 3), torch.ones(3), update=False)
+    assert torch.equal(pa.mean_p, before)
+
+
+def test_class_prototypes_are_class_means_then_ema():
+    protos = ClassPrototypes(3, 2, momentum=0.5)            # cumulative while count < 2 per class
+    f = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
+    lg = torch.tensor([[1.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 6.0]])
+    y = torch.tensor([0, 0, 2])
+    protos.update(f, lg, y)
+    assert torch.allclose(protos.features[0], torch.tensor([2.0, 0.0]))
+    assert torch.allclose(protos.logits[2], torch.tensor([0.0, 0.0, 6.0]))
+    assert protos.known(torch.tensor([0, 1, 2])).tolist() == [True, False, True]
+    # one more item of class 2: weight max(1 - 0.5^1, 1/2) = 0.5
+    protos.update(torch.tensor([[0.0, 4.0]]), torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([2]))
+    assert torch.allclose(protos.features[2], torch.tensor([0.0, 3.0]))
+    with pytest.raises(ValueError, match="feats"):
+        protos.update(torch.zeros(2, 5), torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["pot", "torch"])
+def test_label_aware_ot_matches_pot_on_the_summed_cost(backend):
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    ys, yt = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 1, 1, 2, 2])
+    extra = (ys[:, None] != yt[None, :]).double() * 1.0
+    C = cost_matrix(zs.double(), zt.double(), "cosine") + extra
+    a, b = torch.full((6,), 1 / 6, dtype=torch.double), torch.full((5,), 1 / 5, dtype=torch.double)
+    ref = float(ot.sinkhorn2(a, b, C, reg=0.1, numItermax=200))
+    got = float(sinkhorn_cost(zs.double(), zt.double(), eps=0.1, n_iter=200, backend=backend, extra_cost=extra))
+    assert got == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(DataError, match="extra_cost"):
+        sinkhorn_cost(zs, zt, extra_cost=torch.zeros(5, 6))
+    with pytest.raises(ConfigError, match="extra_cost"):
+        sinkhorn_cost(zs, zt, backend="geomloss", grad="detach", extra_cost=torch.zeros(6, 5))
+
+
+def test_label_cost_moves_mass_within_classes():
+    # two classes whose features are swapped across modalities: label-blind OT pairs across
+    # classes, label-aware OT pays the feature cost to stay within them
+    zs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    zt = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1])
+    blind = float(sinkhorn_cost(zs, zt, eps=0.05, n_iter=200))
+    aware = float(sinkhorn_cost(zs, zt, eps=0.05, n_iter=200, extra_cost=(y[:, None] != y[None, :]).float() * 5))
+    assert blind < 0.01 and aware == pytest.approx(1.0, abs=0.01)   # cosine cost 1 within classes
+
+
+# ----------------------------------------------------------------------------- methods
+@pytest.mark.parametrize("name", ["ucmkd", "pseudo-label"])
+@pytest.mark.parametrize("student_feat", [8, 6])
+def test_contract(name, student_feat):
+    teacher, student, batch = tiny(student_feat)
+    cls = METHODS.get(name)
+    d = build_distiller(name, student, teacher if cls.uses_teacher else None,
+                        {"n_iter": 10} if name == "ucmkd" else {})
+    d.train()
+    d.progress = 0.5
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    if name == "ucmkd":
+        d.extra["prior"].threshold.fill_(0.0)       # every unlabelled item counts
+    out = d(batch)
+    assert out.logits.shape == (10, 3)
+    assert all(math.isfinite(float(v.detach())) for v in out.losses.values())
+    if name == "ucmkd":
+        assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u", "ce_fallback"} <= set(out.losses)
+        assert out.metrics["pl_mask"] == 1.0
+    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
+    STRATEGIES.get(d.strategy)(d, opt, 5.0).step(batch)
+    assert any(float(p.grad.abs().sum()) > 0 for p in student.encoder.parameters() if p.grad is not None)
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, t_before[k])
+
+
+def test_pseudo_label_loss_value():
+    _, student, batch = tiny()
+    d = build_distiller("pseudo-label", student, None, {"threshold": 0.0, "warmup": 0.0, "w_u": 2.0})
+    out = d(batch)
+    with torch.no_grad():
+        lu = student(torch.cat([batch.xs, batch.xu]))[10:]     # train mode: same batch statistics
+    expected = 2.0 * F.cross_entropy(lu, lu.argmax(1))
+    assert float(out.losses["pl"].detach()) == pytest.approx(float(expected), rel=1e-4)
+    assert not METHODS.get("pseudo-label").uses_teacher
+
+
+def test_ucmkd_terms_follow_their_formulas():
+    teacher, student, batch = tiny(8)
+    d = build_distiller("ucmkd", student, teacher, {"n_iter": 10, "warmup": 0.0, "unlabelled": False,
+                                                    "fallback": False, "w_kd": 2.0, "w_la": 3.0})
+    torch.manual_seed(0)
+    out = d(batch)
+    z, logits = out.logits, out.logits
+    zs, _ = student(batch.xs, return_features=True)
+    # the class-matched batch holds, for each item, teacher items of its class: every KD target
+    # is a teacher item's logits of the student's class; the LA term is CE through the teacher head
+    la = F.cross_entropy(teacher.head(zs), batch.ys)
+    assert float(out.losses["la"].detach()) == pytest.approx(3.0 * float(la.detach()), rel=1e-4)
+    assert "pl" not in out.losses and "ce_fallback" not in out.losses
+    _, t_logits = teacher(batch.xt, return_features=True)
+    torch.manual_seed(0)
+    target = d._class_targets(batch.ys, batch.yt, t_logits)
+    same = [(t_logits == target[i]).all(1).nonzero().flatten() for i in range(10)]
+    assert all(len(s) and bool((batch.yt[s] == batch.ys[i]).all()) for i, s in enumerate(same))
+    tckd, nckd = dkd_terms(logits, target, batch.ys, 4.0)
+    assert float(out.losses["kd"].detach()) == pytest.approx(2.0 * float(tckd + 8.0 * nckd), rel=1e-4)
+
+
+def test_ucmkd_mean_targets_and_unpaired_batches():
+    teacher, student, batch = tiny(8)
+    d = build_distiller("ucmkd", student, teacher, {"n_iter": 10, "kd_target": "mean"})
+    d(batch)
+    target = d._class_targets(batch.ys, batch.yt, torch.zeros(10, 3))
+    assert torch.allclose(target, d.extra["protos"].logits[batch.ys])
+    with pytest.raises(ConfigError, match="kd_target"):
+        build_distiller("ucmkd", student, teacher, {"kd_target": "pairs"})
+    with pytest.raises(ConfigError, match="w_la"):
+        build_distiller("ucmkd", student, teacher, {"w_la": -1.0})
+
+
+def test_calibration_picks_the_lowest_threshold_with_the_wanted_precision():
+    teacher, student, _ = tiny(8)
+    d = build_distiller("ucmkd", student, teacher, {"teacher_vote": False, "align_prior": False,
+                                                    "precision": 0.9, "threshold": 0.5})
+    x = torch.randn(40, 1, 12)
+    with torch.no_grad():
+        conf, pred = student.eval()(x).softmax(1).max(1)
+    y = pred.clone()
+    # make the least confident half wrong: precision reaches 0.9 only above the median confidence
+    low = conf < conf.median()
+    y[low] = (pred[low] + 1) % 3
+    logs = d.calibrate(x, y)
+    tau = logs["pl_threshold"]
+    grid = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
+    def ok(t):
+        sel = conf >= t
+        return sel.float().mean() >= 0.05 and (pred[sel] == y[sel]).float().mean() >= 0.9
+    expected = next((t for t in grid if ok(t)), 2.0)
+    assert tau == expected and float(d.extra["prior"].threshold) == expected
+    # nothing reaches the precision: the unlabelled terms pause
+    assert d.calibrate(x, (pred + 1) % 3)["pl_threshold"] == 2.0
+    _, _, batch = tiny(8)
+    out = d(batch)
+    assert out.metrics["pl_mask"] == 0.0 and float(out.losses["pl"]) == 0.0
+
+
+def test_ucmkd_without_an_unlabelled_pool(synth_pair):
+    student, teacher = synth_pair
+    sampler = PairingSampler(student, teacher, PairingConfig(label_budget=None), 32, 2, seed=0,
+                             unlabelled=True, require_unlabelled=False)
+    assert all(b.xu is None for b in sampler.epoch(0))
+    with pytest.raises(DataError, match="unlabelled"):
+        PairingSampler(student, teacher, PairingConfig(label_budget=None), 32, 2, seed=0, unlabelled=True)
+
+
+# ----------------------------------------------------------------------------- fallback gate
+class _Sabotage(Distiller):
+    """A distiller whose extra term destroys the student; its CE shadow is the fallback."""
+
+    name = "sabotage"
+    uses_teacher = False
+
+    def __init__(self, student, teacher=None, params=None):
+        super().__init__(student, None, params)
+        import copy
+        self.extra["fallback"] = copy.deepcopy(student)
+
+    def fallback_model(self):
+        return self.extra["fallback"]
+
+    def clip_groups(self):
+        fb = {id(p) for p in self.extra["fallback"].parameters()}
+        return [[p for p in self.trainable_parameters() if id(p) not in fb], list(self.extra["fallback"].parameters())]
+
+    def forward(self, batch):
+        logits = self.student(batch.xs)
+        wrong = (batch.ys + 1) % self.student.num_classes
+        return DistillOutput(logits, {"bad": F.cross_entropy(logits, wrong),
+                                      "ce_fallback": F.cross_entropy(self.extra["fallback"](batch.xs), batch.ys)})
+
+
+def test_fallback_is_selected_when_it_validates_better_and_survives_resume(synth_pair, tmp_path):
+    student_data, _ = synth_pair
+    from ucmkd.models import build_classifier
+
+    def make():
+        torch.manual_seed(0)
+        s = build_classifier(student_data.input_shape, student_data.kind, student_data.num_classes, width=4, feat_dim=8)
+        return _Sabotage(s)
+
+    optim = OptimConfig(epochs=6, batch_size=32, lr=1e-2, steps_per_epoch=5, warmup_epochs=0)
+    sampler = PairingSampler(student_data, None, PairingConfig(), 32, 5, seed=0)
+    tr = Trainer(make(), sampler, student_data, optim, run_dir=tmp_path / "a", config_hash="h")
+    fit = tr.fit()
+    assert fit.selected == "fallback"
+    assert fit.candidates["fallback"]["val_acc"] > fit.candidates["student"]["val_acc"]
+    assert fit.test_acc == fit.candidates["fallback"]["test_acc"]
+    tr.restore_best()
+    from ucmkd.engine.trainer import evaluate
+    assert evaluate(tr.distiller.student, *student_data.split("val"))[0] == pytest.approx(fit.val_acc)
+    # interrupted after 2 epochs, resumed in a new trainer: same choice, same numbers
+    tr2 = Trainer(make(), sampler, student_data, optim, run_dir=tmp_path / "b", config_hash="h")
+    tr2.fit(stop_after=3)
+    tr3 = Trainer(make(), sampler, student_data, optim, run_dir=tmp_path / "b", config_hash="h")
+    fit3 = tr3.fit()
+    assert fit3.selected == "fallback" and fit3.candidates == fit.candidates
+    tr3.restore_best()     # the fallback's best weights come from best_fallback.pt
+    assert evaluate(tr3.distiller.student, *student_data.split("val"))[0] == pytest.approx(fit.val_acc)
+
+
+def test_fallback_never_changes_the_distilled_students_training():
+    """The shadow has its own clipping group and no randomness: the distilled student's
+    parameters after a step equal those of the same method without a fallback."""
+    teacher, student, batch = tiny(8)
+    import copy
+    s2 = copy.deepcopy(student)
+    params = {"n_iter": 10, "unlabelled": False, "warmup": 0.0}
+    a = build_distiller("ucmkd", student, teacher, {**params, "fallback": True})
+    b = build_distiller("ucmkd", s2, copy.deepcopy(teacher), {**params, "fallback": False})
+    for d in (a, b):
+        torch.manual_seed(3)
+        opt = torch.optim.AdamW(d.trainable_parameters(), lr=1e-2)
+        STRATEGIES.get("standard")(d, opt, 0.01).step(batch)    # tight clip: clipping is active
+    for (n, p), (_, q) in zip(student.named_parameters(), s2.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_run_records_both_candidates_and_the_choice(tmp_path):
+    from test_training import small_cfg
+
+    from ucmkd.api import run
+
+    cfg = small_cfg("ucmkd", epochs=3)
+    cfg.pairing.label_budget = 5
+    res = run(cfg, run_dir=tmp_path / "r")
+    assert res["selected"] in ("student", "fallback")
+    chosen = res["candidates"][res["selected"]]
+    assert res["test_acc"] == chosen["test_acc"] and res["val_acc"] == chosen["val_acc"]
+    other = "fallback" if res["selected"] == "student" else "student"
+    assert (res["selected"] == "student") == (chosen["val_acc"] >= res["candidates"][other]["val_acc"])
+    assert (tmp_path / "r" / "best_fallback.pt").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all("fallback_val_acc" in r and "pl_threshold" in r for r in rows)
+    cfg.pairing.label_budget = None          # fully labelled: no unlabelled terms, still runs
+    res2 = run(cfg)
+    assert math.isfinite(res2["test_acc"])
