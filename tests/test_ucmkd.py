@@ -306,3 +306,25 @@ def test_run_records_both_candidates_and_the_choice(tmp_path):
     cfg.pairing.label_budget = None          # fully labelled: no unlabelled terms, still runs
     res2 = run(cfg)
     assert math.isfinite(res2["test_acc"])
+
+
+def test_ucmkd_report_tables():
+    from ucmkd.report import ucmkd_report
+
+    rows = []
+    for seed in range(3):
+        for m, acc in [("ce", 0.50), ("dkd", 0.55), ("ucmkd", 0.60), ("ucmkd-joint", 0.49), ("ucmkd-bilevel", 0.5),
+                       ("pseudo-label", 0.45), ("ucmkd-no-la", 0.58)]:
+            r = {"setting": "s1", "method": m, "seed": seed, "test_acc": acc + 0.01 * seed, "seconds": 1.0,
+                 "teacher_test_acc": 0.99}
+            if m == "ucmkd":
+                r["selected"] = "fallback" if seed == 0 else "student"
+                r["candidates"] = {"student": {"test_acc": 0.40, "val_acc": 0.4}}
+            rows.append(r)
+    md = ucmkd_report(rows, ["s1"], ["dkd", "pseudo-label"])
+    line = next(x for x in md.splitlines() if x.startswith("| s1 |"))
+    assert "**+10.0" in line and "dkd +5.0" in line and "1/3" in line
+    assert "| ucmkd | +10.00 |" in md and "| dkd | +5.00 |" in md
+    abl = next(x for x in md.splitlines() if x.startswith("| s1 | +10.0"))
+    # no-gate: the distilled candidate (0.40) vs the gated 0.60-0.62, paired by seed; no-la: -2 pp
+    assert "-21.0" in abl and "-2.0 [-2.0, -2.0]" in abl
