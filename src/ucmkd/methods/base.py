@@ -7,6 +7,7 @@ is the trainer's business (:mod:`ucmkd.engine.strategies`), chosen by ``strategy
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -122,10 +123,19 @@ class Distiller(nn.Module):
         return list(self.student.parameters()) + list(self.extra.parameters())
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
-        """Parameter groups whose gradient norms are clipped separately (default: one group).
-        A method with an independent model (a fallback shadow) keeps it in its own group so
-        that it never changes the distilled student's update."""
-        return [self.trainable_parameters()]
+        """Parameter groups whose gradient norms are clipped separately: one group, plus the
+        fallback shadow's own group when there is one (so it never changes the distilled
+        student's update)."""
+        fb = self.fallback_model()
+        if fb is None:
+            return [self.trainable_parameters()]
+        fb_ids = {id(q) for q in fb.parameters()}
+        return [[q for q in self.trainable_parameters() if id(q) not in fb_ids], list(fb.parameters())]
+
+    def add_fallback(self) -> None:
+        """Add ``extra["fallback"]``: a copy of the (untrained) student that the method trains
+        with plain CE on the labelled batch (its loss is the method's to add)."""
+        self.extra["fallback"] = copy.deepcopy(self.student)
 
     def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
         """Called by the trainer after each epoch with the labelled validation split (x [N, ...],
@@ -135,8 +145,9 @@ class Distiller(nn.Module):
 
     def fallback_model(self) -> Optional[nn.Module]:
         """A model trained alongside the student that the trainer falls back to when it
-        validates better (see :mod:`ucmkd.engine.trainer`); None (default): no fallback."""
-        return None
+        validates better (see :mod:`ucmkd.engine.trainer`): ``extra["fallback"]`` if the
+        method added one (:meth:`add_fallback`), else None."""
+        return self.extra["fallback"] if "fallback" in self.extra else None
 
     def trainable_state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "extra": self.extra.state_dict()}

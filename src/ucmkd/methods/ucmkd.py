@@ -24,7 +24,6 @@ All distillation weights ramp 0 -> 1 over ``warmup``.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -82,19 +81,8 @@ class UCMKD(Distiller):
         self.extra["protos"] = ClassPrototypes(teacher.num_classes, teacher.feat_dim, p.momentum)
         self.extra["prior"] = PriorAlignment(teacher.num_classes)
         if p.fallback:
-            self.extra["fallback"] = copy.deepcopy(student)
+            self.add_fallback()
         self.uses_unlabelled = p.unlabelled
-
-    # ----------------------------------------------------------------- fallback plumbing
-    def fallback_model(self):
-        return self.extra["fallback"] if "fallback" in self.extra else None
-
-    def clip_groups(self):
-        fb = self.fallback_model()
-        if fb is None:
-            return super().clip_groups()
-        fb_ids = {id(q) for q in fb.parameters()}
-        return [[q for q in self.trainable_parameters() if id(q) not in fb_ids], list(fb.parameters())]
 
     # ----------------------------------------------------------------- validation calibration
     @torch.no_grad()
