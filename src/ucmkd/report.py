@@ -195,7 +195,7 @@ def ucmkd_report(results: list[dict], settings: list[str], baselines: list[str],
     out += ["", "Deltas: pp vs " + baseline + ", mean over seeds paired by seed, [95 % Student-t CI]; "
             "`*`: the CI excludes 0.", ""]
     # suite mean delta of every method that ran in every listed setting
-    methods = sorted({m for (_, m) in rows if m != baseline})
+    methods = sorted({m for (_, m) in rows if m != baseline and m != NO_GATE and not m.startswith(ablation_prefix)})
     means = []
     for m in methods:
         ds = [rows[(s, m)]["delta_mean"] for s in settings if (s, m) in rows]

@@ -8,19 +8,23 @@ Per batch (labelled student items x_l with labels y, unlabelled student items x_
 items x_t with their labels y_t, never paired with the student's):
 
 - ``ce``: CE(h_S(z_l), y).
-- ``kd`` (LA on the student head): decoupled KD (TCKD + beta * NCKD) towards the teacher's
-  *class-mean* logits for y, running means over the teacher batches (:class:`ClassPrototypes`):
-  the teacher's class-similarity structure, which needs no pairs.
+- ``kd`` (LA on the student head): decoupled KD (TCKD + beta * NCKD) towards the logits of a
+  random teacher item *of the same class* from the teacher batch (the teacher's running class
+  mean, :class:`ClassPrototypes`, when the batch has none): the teacher's class-similarity
+  structure, which needs no pairs (``kd_target: mean`` always uses the class mean).
 - ``la`` (LA through the teacher head, with the sign that makes it agree with the labels):
   CE(h_T(P z_l), y), h_T frozen, P the projector (identity when dims match).
 - ``fa`` (label-aware FA): entropic OT between P z_l and teacher features with ground cost
   cos + lam * [y_i != y_t,j], so mass moves within classes only (the paper's FA is label-blind).
 - unlabelled items: pseudo-labels from the student head averaged with the teacher head on
-  P z_u, kept when confident (>= tau); they get the CE (``pl``) and the same class-level KD
-  and teacher-head terms, weighted by the confident fraction.
+  P z_u, aligned to the teacher's class prior, kept when their confidence reaches tau; they get
+  the CE (``pl``) and the same class-level KD and teacher-head terms (``kd_u``, ``la_u``),
+  weighted by the confident fraction. After every epoch tau is recalibrated on the labelled
+  validation split: the lowest grid value whose confident predictions are >= ``precision``
+  correct (none: the unlabelled terms pause).
 - a validation-gated fallback: a plain-CE shadow of the student, trained on the same
   labelled batches; the trainer keeps whichever validates better.
-All distillation weights ramp 0 -> 1 over ``warmup``.
+All distillation and unlabelled weights ramp 0 -> 1 over ``warmup`` (a fraction of training).
 """
 from __future__ import annotations
 
@@ -105,9 +109,12 @@ class UCMKD(Distiller):
             return {}
         was = self.student.training
         self.student.eval()
-        z, logits = self.student(x_val, return_features=True)
+        probs = []
+        for i in range(0, len(x_val), 1024):
+            z, logits = self.student(x_val[i:i + 1024], return_features=True)
+            probs.append(self._pseudo_probs(logits, self.project(z), update=False))
         self.student.train(was)
-        conf, pred = self._pseudo_probs(logits, self.project(z), update=False).max(1)
+        conf, pred = torch.cat(probs).max(1)
         correct = (pred == y_val).float()
         tau = 2.0
         for t in sorted({p.threshold, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99}):
