@@ -197,15 +197,18 @@ def ucmkd_report(results: list[dict], settings: list[str], baselines: list[str],
     # suite mean delta of every method that ran in every listed setting
     methods = sorted({m for (_, m) in rows if m != baseline and m != NO_GATE and not m.startswith(ablation_prefix)})
     means = []
+    n_all = len([s for s in settings if (s, baseline) in rows])
     for m in methods:
         ds = [rows[(s, m)]["delta_mean"] for s in settings if (s, m) in rows]
-        if len(ds) == len([s for s in settings if (s, baseline) in rows]):
-            means.append((float(np.mean(ds)), m, min(ds), sum(_ci_excludes_zero(rows[(s, m)]) and
-                                                            rows[(s, m)]["delta_mean"] > 0 for s in settings)))
+        if ds:
+            means.append((float(np.mean(ds)), m, min(ds), len(ds),
+                          sum(_ci_excludes_zero(rows[(s, m)]) and rows[(s, m)]["delta_mean"] > 0
+                              for s in settings if (s, m) in rows)))
     out += ["| method | mean delta vs " + baseline + " over settings (pp) | worst setting (pp) | "
             "settings with CI > 0 |", "|---|---|---|---|"]
-    for mean, m, worst, wins in sorted(means, reverse=True):
-        out.append(f"| {m} | {mean:+.2f} | {worst:+.1f} | {wins} |")
+    for mean, m, worst, n, wins in sorted(means, reverse=True):
+        only = "" if n == n_all else f" ({n} of {n_all} settings)"
+        out.append(f"| {m} | {mean:+.2f}{only} | {worst:+.1f} | {wins} |")
     # ablations: paired by seed against the full method
     abl = sorted({m for (_, m) in rows if m.startswith(ablation_prefix) or m == NO_GATE})
     if abl:
