@@ -320,3 +320,24 @@ def test_ucmkd_report_tables():
     abl = next(x for x in md.splitlines() if x.startswith("| s1 | +10.0"))
     # no-gate: the distilled candidate (0.40) vs the gated 0.60-0.62, paired by seed; no-la: -2 pp
     assert "-21.0" in abl and "-2.0 [-2.0, -2.0]" in abl
+
+
+def test_ablation_and_stress_suites_load_and_share_full_cells(tmp_path):
+    """The ablation suite removes one ingredient per variant and its ucmkd/ce cells are those of
+    `full` (same store keys), so copying full's results store reuses them."""
+    from ucmkd.bench import builtin_suites, suite_cells, suite_path
+    from ucmkd.config import SuiteConfig, load_config
+
+    assert {"ablation", "stress"} <= set(builtin_suites())
+    abl = load_config(SuiteConfig, suite_path("ablation"))
+    full = load_config(SuiteConfig, suite_path("full"))
+    for label, var in abl.variants.items():
+        assert var["method"] == "ucmkd" and label.startswith("ucmkd-no-")
+        METHODS.get("ucmkd").parse_params(var["params"])
+    _, a_cells = suite_cells(abl, tmp_path / "a")
+    _, f_cells = suite_cells(full, tmp_path / "f")
+    f_keys = {c.store_key for c in f_cells}
+    shared = [c for c in a_cells if c.label in ("ce", "ucmkd")]
+    assert shared and all(c.store_key in f_keys for c in shared)
+    stress = load_config(SuiteConfig, suite_path("stress"))
+    assert "ucmkd" in stress.methods and set(stress.settings) == {"weak-teacher", "unpaired", "teacher-imbalance"}

@@ -157,10 +157,10 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
         tables += "\nNot run (the method cannot apply to the setting's backbones): " + ", ".join(excluded) + "."
     (out / "tables.md").write_text(tables + "\n")
     if "ucmkd" in methods and suite.baseline in methods:
+        # baselines: every non-ucmkd method of the suite (oracles and ablations are variants)
         others = [m for m in methods if m != suite.baseline and not m.startswith("ucmkd")
-                  and m not in suite.variants and m != "pseudo-label"]
-        (out / "ucmkd.md").write_text(ucmkd_report(results, list(settings), others + ["pseudo-label"],
-                                                   suite.baseline) + "\n")
+                  and m not in suite.variants]
+        (out / "ucmkd.md").write_text(ucmkd_report(results, list(settings), others, suite.baseline) + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]
