@@ -255,9 +255,10 @@ def test_missing_root_key_and_directory(tmp_path):
         load_modality("cremad/visual", data_cfg(tmp_path, "cremad", tmp_path / "nowhere"))
 
 
-def _expect(tmp_path, fam, modality, pattern):
+def _expect(tmp_path, fam, modality, pattern, root=None):
+    """Loading ``fam/modality`` from ``root`` (default tmp_path/root) raises a DataError matching ``pattern``."""
     with pytest.raises(DataError, match=pattern):
-        load_modality(f"{fam}/{modality}", data_cfg(tmp_path, fam, tmp_path / "root"))
+        load_modality(f"{fam}/{modality}", data_cfg(tmp_path, fam, root or tmp_path / "root"))
 
 
 def test_missing_feature_file_named(tmp_path):
@@ -296,13 +297,11 @@ def test_unknown_class_named(tmp_path):
     root = make_ravdess(tmp_path / "r2")
     with open(root / "data_file" / "spa_test.csv", "a") as f:
         f.write("train_1_0.npy,train_1_0.jpg,7\n")
-    with pytest.raises(DataError, match=r"spa_test\.csv:7: unknown class '7'"):
-        load_modality("ravdess/audio", data_cfg(tmp_path, "ravdess", root))
+    _expect(tmp_path, "ravdess", "audio", r"spa_test\.csv:7: unknown class '7'", root)
     root = make_ave(tmp_path / "r3")
     with open(root / "trainSet.txt", "a") as f:
         f.write("Cat&tr00xYz&good&0&10\n")
-    with pytest.raises(DataError, match=r"trainSet\.txt:13: unknown class 'Cat'.*testSet\.txt"):
-        load_modality("ave/audio", data_cfg(tmp_path, "ave", root))
+    _expect(tmp_path, "ave", "audio", r"trainSet\.txt:13: unknown class 'Cat'.*testSet\.txt", root)
 
 
 def test_malformed_rows_named(tmp_path):
@@ -315,8 +314,7 @@ def test_malformed_rows_named(tmp_path):
     root = make_vggsound(tmp_path / "r2")
     with open(root / "trainSet.txt", "a") as f:
         f.write("rain without an id\n")
-    with pytest.raises(DataError, match=r"trainSet\.txt:13: malformed row"):
-        load_modality("vggsound/visual", data_cfg(tmp_path, "vggsound", root))
+    _expect(tmp_path, "vggsound", "visual", r"trainSet\.txt:13: malformed row", root)
 
 
 def test_bad_image_and_inconsistent_features_named(tmp_path):
