@@ -19,7 +19,7 @@ import numpy as np
 from .config import SettingConfig, SuiteConfig, builtin_yaml, from_dict, resolve_yaml, save_config
 from .errors import ConfigError
 from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
-from .report import plot, summarise, ucmkd_report, write_csv
+from .report import ci_excludes_zero, plot, summarise, ucmkd_report, write_csv
 
 
 def builtin_suites() -> list[str]:
@@ -96,7 +96,7 @@ def setting_tables(rows: list[dict], settings: dict[str, SettingConfig], methods
             if r["method"] == baseline or math.isnan(r["delta_mean"]):
                 delta, p = "-", "-"
             else:
-                mark = " *" if _excludes_zero(r) else ""
+                mark = " *" if ci_excludes_zero(r) else ""
                 delta = f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}"
                 p = _fmt_p(r["wilcoxon_p"])
             out.append(f"| {r['method']} | {r['acc_mean']:.1f} +- {r['acc_std']:.1f} | {delta} | {p} | "
@@ -104,10 +104,6 @@ def setting_tables(rows: list[dict], settings: dict[str, SettingConfig], methods
         out.append("")
     out.append("`*`: the 95 % CI of the paired delta (Student t over seeds) excludes zero.")
     return "\n".join(out)
-
-
-def _excludes_zero(r: dict) -> bool:
-    return not math.isnan(r["ci_low"]) and (r["ci_low"] > 0 or r["ci_high"] < 0)
 
 
 def heatmap(rows: list[dict], path: Path, settings: list[str], methods: list[str], baseline: str,
@@ -126,7 +122,7 @@ def heatmap(rows: list[dict], path: Path, settings: list[str], methods: list[str
     for r in rows:
         if r["method"] in methods and r["setting"] in settings:
             i, j = methods.index(r["method"]), settings.index(r["setting"])
-            grid[i, j], marks[i, j] = r["delta_mean"], _excludes_zero(r)
+            grid[i, j], marks[i, j] = r["delta_mean"], ci_excludes_zero(r)
     lim = max(1.0, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 1.0
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(settings), 1.0 + 0.42 * len(methods)))
     im = ax.imshow(grid, cmap="RdBu", norm=TwoSlopeNorm(0.0, -lim, lim), aspect="auto")

@@ -155,11 +155,12 @@ def with_no_gate(results: list[dict], method: str = "ucmkd") -> list[dict]:
 def _fmt_delta(r: dict | None) -> str:
     if r is None or math.isnan(r["delta_mean"]):
         return "-"
-    mark = " *" if _ci_excludes_zero(r) else ""
+    mark = " *" if ci_excludes_zero(r) else ""
     return f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}"
 
 
-def _ci_excludes_zero(r: dict) -> bool:
+def ci_excludes_zero(r: dict) -> bool:
+    """Whether a summary row's 95 % CI of the paired delta excludes zero (False when undefined)."""
     return not math.isnan(r["ci_low"]) and (r["ci_low"] > 0 or r["ci_high"] < 0)
 
 
@@ -202,7 +203,7 @@ def ucmkd_report(results: list[dict], settings: list[str], baselines: list[str],
         ds = [rows[(s, m)]["delta_mean"] for s in settings if (s, m) in rows]
         if ds:
             means.append((float(np.mean(ds)), m, min(ds), len(ds),
-                          sum(_ci_excludes_zero(rows[(s, m)]) and rows[(s, m)]["delta_mean"] > 0
+                          sum(ci_excludes_zero(rows[(s, m)]) and rows[(s, m)]["delta_mean"] > 0
                               for s in settings if (s, m) in rows)))
     out += ["| method | mean delta vs " + baseline + " over settings (pp) | worst setting (pp) | "
             "settings with CI > 0 |", "|---|---|---|---|"]
