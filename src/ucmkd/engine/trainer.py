@@ -166,22 +166,17 @@ class Trainer:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
             self.epoch = ep + 1
-            val_acc, val_loss = evaluate(self.distiller.student, *self._eval["val"], self.device)
-            improved = (val_acc, -val_loss) > (self.best["val_acc"], -self.best["val_loss"])
-            # the test split is only read where it is reported: at a new best validation epoch
-            # and at the last epoch (never used to select anything)
-            test_acc = (evaluate(self.distiller.student, *self._eval["test"], self.device)[0]
-                        if improved or self.epoch == self.optim.epochs else None)
+            cur, improved = self._validate(self.distiller.student, self.best)
             row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()},
-                   "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+                   "val_acc": cur["val_acc"], "val_loss": cur["val_loss"], "test_acc": cur["test_acc"]}
             fb_improved = self._validate_fallback(row)
-            row.update(self.distiller.calibrate(*(t.to(self.device) for t in self._eval["val"])))
+            row.update(self.distiller.calibrate(*self._eval["val"]))
             self.history.append(row)
             if improved:
-                self.best = {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+                self.best = cur
                 self.best_state = _clone_state(self.distiller.trainable_state_dict())
             self._persist(improved, fb_improved)
-            bar.set_postfix(val=f"{val_acc:.3f}", best=f"{self.best['val_acc']:.3f}")
+            bar.set_postfix(val=f"{cur['val_acc']:.3f}", best=f"{self.best['val_acc']:.3f}")
         bar.close()
         last = self.history[-1] if self.history else {"val_acc": float("nan"), "test_acc": float("nan")}
         selected = "fallback" if self.fallback_selected() else "student"
@@ -195,17 +190,24 @@ class Trainer:
                          seconds=time.time() - t0, history=list(self.history), selected=selected,
                          candidates=cands)
 
+    def _validate(self, model, best: dict) -> tuple[dict, bool]:
+        """Validate ``model`` after the current epoch: ({epoch, val_acc, val_loss, test_acc},
+        whether it beats ``best`` on (val acc, -val loss)). The test split is only read where it
+        is reported, at a new best validation epoch and at the last epoch (never to select)."""
+        val_acc, val_loss = evaluate(model, *self._eval["val"], self.device)
+        improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
+        test_acc = (evaluate(model, *self._eval["test"], self.device)[0]
+                    if improved or self.epoch == self.optim.epochs else None)
+        return {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}, improved
+
     def _validate_fallback(self, row: dict) -> bool:
         """Validate the fallback model (if any) into ``row``; keep its best state. -> improved?"""
         if self.fallback is None:
             return False
-        val_acc, val_loss = evaluate(self.fallback, *self._eval["val"], self.device)
-        improved = (val_acc, -val_loss) > (self.best_fb["val_acc"], -self.best_fb["val_loss"])
-        test_acc = (evaluate(self.fallback, *self._eval["test"], self.device)[0]
-                    if improved or self.epoch == self.optim.epochs else None)
-        row.update(fallback_val_acc=val_acc, fallback_val_loss=val_loss, fallback_test_acc=test_acc)
+        cur, improved = self._validate(self.fallback, self.best_fb)
+        row.update({f"fallback_{k}": cur[k] for k in ("val_acc", "val_loss", "test_acc")})
         if improved:
-            self.best_fb = {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}
+            self.best_fb = cur
             self.best_fb_state = {n: t.detach().clone() for n, t in self.fallback.state_dict().items()}
         return improved
 

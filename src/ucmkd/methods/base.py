@@ -139,8 +139,8 @@ class Distiller(nn.Module):
 
     def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
         """Called by the trainer after each epoch with the labelled validation split (x [N, ...],
-        y [N]); a method may tune a data-dependent setting on it (never on test). Returns
-        metrics to log (default: none)."""
+        y [N], on the CPU: a method that uses it moves batches to its device); a method may tune
+        a data-dependent setting on it (never on test). Returns metrics to log (default: none)."""
         return {}
 
     def fallback_model(self) -> Optional[nn.Module]:

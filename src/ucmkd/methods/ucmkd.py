@@ -109,13 +109,14 @@ class UCMKD(Distiller):
             return {}
         was = self.student.training
         self.student.eval()
+        device = next(self.student.parameters()).device
         probs = []
         for i in range(0, len(x_val), 1024):
-            z, logits = self.student(x_val[i:i + 1024], return_features=True)
-            probs.append(self._pseudo_probs(logits, self.project(z), update=False))
+            z, logits = self.student(x_val[i:i + 1024].to(device), return_features=True)
+            probs.append(self._pseudo_probs(logits, self.project(z), update=False).cpu())
         self.student.train(was)
         conf, pred = torch.cat(probs).max(1)
-        correct = (pred == y_val).float()
+        correct = (pred == y_val.cpu()).float()
         tau = 2.0
         for t in sorted({p.threshold, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99}):
             sel = conf >= t
