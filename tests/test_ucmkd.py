@@ -341,3 +341,22 @@ def test_ablation_and_stress_suites_load_and_share_full_cells(tmp_path):
     assert shared and all(c.store_key in f_keys for c in shared)
     stress = load_config(SuiteConfig, suite_path("stress"))
     assert "ucmkd" in stress.methods and set(stress.settings) == {"weak-teacher", "unpaired", "teacher-imbalance"}
+
+
+def test_bad_params_and_batches_are_named():
+    teacher, student, batch = tiny(8)
+    for name, params, field in [("pseudo-label", {"threshold": 1.5}, "threshold"),
+                                ("pseudo-label", {"warmup": -0.1}, "warmup"),
+                                ("ucmkd", {"w_u": -1.0}, "w_u"),
+                                ("ucmkd", {"temperature": 0.0}, "temperature"),
+                                ("ucmkd", {"metric": "cos"}, "metric")]:
+        with pytest.raises(ConfigError, match=field):
+            build_distiller(name, student, teacher if name == "ucmkd" else None, params)
+    d = build_distiller("ucmkd", student, teacher, {"n_iter": 10})
+    batch.yt = None
+    with pytest.raises(DataError, match=r"batch\.yt"):
+        d(batch)
+    _, _, batch = tiny(8)
+    batch.xu = torch.randn(10, 1, 13)                     # wrong unlabelled item shape
+    with pytest.raises(DataError, match=r"\[B, 1, 12\]"):
+        d(batch)

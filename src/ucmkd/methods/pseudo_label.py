@@ -34,6 +34,8 @@ def check_semi(name: str, p) -> None:
 def split_forward(student, xs: torch.Tensor, xu: torch.Tensor):
     """One student forward over labelled and unlabelled items (shared batch-norm statistics):
     (z_l [B, d], logits_l [B, K], z_u [B_u, d], logits_u [B_u, K])."""
+    student.check_input(xs)
+    student.check_input(xu)          # named shape error before the concatenation can fail
     z, logits = student(torch.cat([xs, xu]), return_features=True)
     b = len(xs)
     return z[:b], logits[:b], z[b:], logits[b:]

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
 from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
@@ -160,9 +160,9 @@ class UCMKD(Distiller):
 
     def forward(self, batch):
         p = self.params
-        zt, t_logits = self.teacher_forward(batch.xt)
         if batch.yt is None:
-            raise ConfigError("method 'ucmkd' needs teacher labels y_t in the batch")
+            raise DataError("method 'ucmkd' needs the teacher items' labels (batch.yt is None)")
+        zt, t_logits = self.teacher_forward(batch.xt)
         self.extra["protos"].update(zt, t_logits, batch.yt)
         use_u = p.unlabelled and batch.xu is not None
         if use_u:
