@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .cache import clean_tmp, write_json
 from .config import RunConfig, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
 from .engine import Trainer, get_teacher, seed_everything
@@ -92,6 +93,7 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
                              require_unlabelled=distiller.requires_unlabelled)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_tmp(run_dir)            # what a killed process left behind
         save_config(cfg, run_dir / "config.yaml")
     desc = f"{cfg.method.name} {cfg.data.teacher}->{cfg.data.student} s{cfg.seed}"
     trainer = Trainer(distiller, sampler, student, cfg.optim, run_dir=run_dir, config_hash=key,
@@ -117,6 +119,6 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
         "params": asdict(params), "run_dir": str(run_dir) if run_dir else None, "key": key,
     }
     if run_dir is not None:
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        write_json(run_dir / "result.json", result)
     result["distiller"] = distiller   # holds the best-validation student; not in result.json
     return result

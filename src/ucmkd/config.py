@@ -381,7 +381,10 @@ def resolve_yaml(package: str, name: str, what: str):
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML to ``path``, atomically."""
+    from .cache import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_hash(obj: Any, n: int = 10) -> str:
