@@ -77,7 +77,7 @@ def assert_same_run(d: Path, ref: Path) -> None:
 def test_the_run_writes_one_commit_point_per_epoch(setup):
     _, _, _, writes = setup
     assert writes.count("latest.pt") == 3                 # one commit per epoch
-    assert writes[0] == "config.yaml" and writes[-1] == "result.json"
+    assert writes[:2] == ["key.json", "config.yaml"] and writes[-1] == "result.json"
     # every export of an epoch comes after its commit
     epoch_writes = " ".join(writes[1:-1]).split("latest.pt")[1:]
     assert all("best.pt" in w or "best_fallback.pt" in w or "metrics" in w for w in epoch_writes)
@@ -103,7 +103,8 @@ def test_a_kill_at_any_write_resumes_to_the_uninterrupted_result(setup, tmp_path
         with pytest.raises(Killed):
             run(cfg, run_dir=d, **kw)
         monkeypatch.setattr(cache, "_replace", orig)
-        run(cfg, run_dir=d, **kw)
+        res = run(cfg, run_dir=d, **kw)
+        assert set(res) == set(json.loads((ref / "result.json").read_text())) | {"distiller"}
         try:
             assert_same_run(d, ref)
         except AssertionError as e:

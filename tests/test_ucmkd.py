@@ -306,7 +306,7 @@ def test_run_records_both_candidates_and_the_choice(tmp_path):
 
 
 def test_ucmkd_report_tables():
-    from ucmkd.report import ucmkd_report
+    from ucmkd.report import headline_report
 
     rows = []
     for seed in range(3):
@@ -318,7 +318,9 @@ def test_ucmkd_report_tables():
                 r["selected"] = "fallback" if seed == 0 else "student"
                 r["candidates"] = {"student": {"test_acc": 0.40, "val_acc": 0.4}}
             rows.append(r)
-    md = ucmkd_report(rows, ["s1"], ["dkd", "pseudo-label"])
+    md = headline_report(rows, ["s1"], ["dkd", "pseudo-label"], "ce", "ucmkd", ("ucmkd-joint", "ucmkd-bilevel"),
+                         "pseudo-label", "ucmkd-no-", "ucmkd-no-gate")
+    assert "| fallback chosen |" in md
     line = next(x for x in md.splitlines() if x.startswith("| s1 |"))
     assert "**+10.0" in line and "dkd +5.0" in line and "1/3" in line
     assert "| ucmkd | +10.00 |" in md and "| dkd | +5.00 |" in md

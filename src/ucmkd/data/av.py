@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..config import DataConfig
+from ..config import DataConfig, check_ranges
 from ..errors import ConfigError, DataError
 from .base import RawModality, cache_dir, register_dataset
 
@@ -407,10 +407,7 @@ def load_av(family: str, modality: str, cfg: DataConfig) -> RawModality:
         raise ConfigError(f"unknown audio-visual modality {modality!r}; expected audio or visual")
     layout = LAYOUTS[family]
     av = cfg.av
-    if av.image_size < 1 or av.frames < 1 or av.audio_length < 0 or av.audio_size < 0:
-        raise ConfigError(f"data.av: image_size and frames must be >= 1, audio_length and audio_size >= 0; got "
-                          f"image_size={av.image_size}, frames={av.frames}, audio_length={av.audio_length}, "
-                          f"audio_size={av.audio_size}")
+    check_ranges(av, "data.av")
     root = dataset_root(layout, cfg)
     clips, classes = build_index(layout, root)
     path = cache_path(layout, modality, cfg, root, clips, classes)
