@@ -63,9 +63,18 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert resumed["test_acc"] == full["test_acc"]
     assert resumed["best_epoch"] == full["best_epoch"]
-    # a finished run is reused, not re-run
+    # a finished run is loaded back, not re-run: the same keys, a distiller with the best weights
+    stamp = (tmp_path / "full" / "result.json").stat().st_mtime_ns
     again = run(cfg, run_dir=tmp_path / "full")
-    assert again["key"] == full["key"] and "distiller" not in again
+    assert (tmp_path / "full" / "result.json").stat().st_mtime_ns == stamp
+    assert set(again) == set(full) and again["key"] == full["key"]
+    assert {k: v for k, v in again.items() if k not in ("distiller", "seconds")} == \
+        {k: v for k, v in full.items() if k not in ("distiller", "seconds")}
+    best = load_checkpoint(tmp_path / "full" / "best.pt")["model"]["student"]
+    for k, v in again["distiller"].student.state_dict().items():
+        assert torch.equal(v, best[k]), k
+    for k, v in full["distiller"].student.state_dict().items():
+        assert torch.equal(v, best[k]), k
 
 
 def test_selection_on_validation_and_outputs(tmp_path):

@@ -217,14 +217,19 @@ def test_ucmkd_without_an_unlabelled_pool(synth_pair):
 
 # ----------------------------------------------------------------------------- fallback gate
 class _Sabotage(Distiller):
-    """A distiller whose extra term destroys the student; its CE shadow is the fallback."""
+    """A distiller whose extra term destroys the student; its CE shadow is the fallback, chosen
+    by ucmkd's own rule."""
 
     name = "sabotage"
     uses_teacher = False
+    select_candidate = METHODS.get("ucmkd").select_candidate
 
     def __init__(self, student, teacher=None, params=None):
         super().__init__(student, None, params)
         self.add_fallback()
+
+    def candidates(self):
+        return {"student": self.student, "fallback": self.extra["fallback"]}
 
     def forward(self, batch):
         logits = self.student(batch.xs)
@@ -258,7 +263,7 @@ def test_fallback_is_selected_when_it_validates_better_and_survives_resume(synth
     tr3 = Trainer(make(), sampler, student_data, optim, run_dir=tmp_path / "b", config_hash="h")
     fit3 = tr3.fit()
     assert fit3.selected == "fallback" and fit3.candidates == fit.candidates
-    tr3.restore_best()     # the fallback's best weights come from best_fallback.pt
+    tr3.restore_best()     # the fallback's best weights come from the committed latest.pt
     assert evaluate(tr3.distiller.student, *student_data.split("val"))[0] == pytest.approx(fit.val_acc)
 
 
@@ -301,7 +306,7 @@ def test_run_records_both_candidates_and_the_choice(tmp_path):
 
 
 def test_ucmkd_report_tables():
-    from ucmkd.report import ucmkd_report
+    from ucmkd.report import headline_report
 
     rows = []
     for seed in range(3):
@@ -313,7 +318,9 @@ def test_ucmkd_report_tables():
                 r["selected"] = "fallback" if seed == 0 else "student"
                 r["candidates"] = {"student": {"test_acc": 0.40, "val_acc": 0.4}}
             rows.append(r)
-    md = ucmkd_report(rows, ["s1"], ["dkd", "pseudo-label"])
+    md = headline_report(rows, ["s1"], ["dkd", "pseudo-label"], "ce", "ucmkd", ("ucmkd-joint", "ucmkd-bilevel"),
+                         "pseudo-label", "ucmkd-no-", "ucmkd-no-gate")
+    assert "| fallback chosen |" in md
     line = next(x for x in md.splitlines() if x.startswith("| s1 |"))
     assert "**+10.0" in line and "dkd +5.0" in line and "1/3" in line
     assert "| ucmkd | +10.00 |" in md and "| dkd | +5.00 |" in md

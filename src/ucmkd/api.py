@@ -3,23 +3,30 @@
 >>> from ucmkd import RunConfig, run
 >>> cfg = RunConfig()                      # digits: image teacher -> signal student, ``ce``
 >>> result = run(cfg, run_dir="runs/demo")  # doctest: +SKIP
+
+One place builds a run: :func:`prepare` turns a config (plus any data, teacher or student model
+the user brings) into a :class:`RunContext`, validating everything before anything trains;
+:func:`run` (and the grid behind ``ucmkd run``/``ucmkd bench``) train from it.
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from .config import RunConfig, config_hash, save_config, to_dict
+from .cache import clean_tmp, content_key, model_signature, read_json, signature_diff, state_digest, write_json
+from .config import RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
-from .engine import Trainer, get_teacher, seed_everything
-from .errors import ConfigError
+from .engine import Trainer, evaluate, get_teacher, seed_everything
+from .errors import ConfigError, DataError
 from .methods import METHODS
 from .models import Classifier, build_classifier
+
+RUN_KEY_FILE = "key.json"
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
@@ -31,20 +38,179 @@ def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
 
 def load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
     """(student, teacher) modalities of ``cfg.data``, checked to share one label space."""
-    student = load_modality(cfg.data.student, cfg.data)
-    teacher = load_modality(cfg.data.teacher, cfg.data)
+    student, teacher = _load_pair(cfg)
     check_compatible(student, teacher)
     return student, teacher
 
 
+def _load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
+    return load_modality(cfg.data.student, cfg.data), load_modality(cfg.data.teacher, cfg.data)
+
+
 def run_key(cfg: RunConfig) -> str:
-    """Hash of everything that makes runs differ (the device and thread count excluded)."""
+    """Hash of the config fields that make runs differ (the device and thread count excluded).
+    The grid's results store keys cells by it; a run directory is keyed by the content key of
+    :func:`prepare` (which adds the data, the student architecture and the teacher weights)."""
     d = to_dict(cfg)
     d.pop("device", None)
     d.pop("threads", None)
     return config_hash(d)
 
 
+# --------------------------------------------------------------------------- validation
+def check_data(data: Any, role: str) -> None:
+    """``data`` is a :class:`ModalityData` with non-empty train/val/test splits."""
+    if not isinstance(data, ModalityData):
+        raise ConfigError(f"{role}: expected a ucmkd.data.ModalityData (from ucmkd.load_modality or "
+                          f"ucmkd.load_pair), got {type(data).__name__}")
+    if data.x.shape[0] != data.y.shape[0]:
+        raise DataError(f"{role} {data.name!r}: x has {data.x.shape[0]} items but y has {data.y.shape[0]}")
+    for split in ("train", "val", "test"):
+        if split not in data.splits or len(data.splits[split]) == 0:
+            raise DataError(f"{role} {data.name!r}: the {split!r} split is missing or empty")
+
+
+def check_model(model: Any, data: ModalityData, role: str) -> None:
+    """``model`` fits ``data``: a :class:`Classifier` with ``data``'s input shape and classes,
+    whose encoder maps a batch to ``[B, feat_dim]`` (checked on two training items, in eval
+    mode, without gradient). Errors name the mismatch."""
+    if not isinstance(model, Classifier):
+        raise ConfigError(f"{role}_model: expected a ucmkd.models.Classifier (encoder + linear head), got "
+                          f"{type(model).__name__}; wrap the encoder: Classifier(encoder, feat_dim=D, "
+                          f"num_classes={data.num_classes}, input_shape={tuple(data.input_shape)})")
+    if tuple(model.input_shape) != tuple(data.input_shape):
+        raise DataError(f"{role}_model {model.name!r}: input_shape {list(model.input_shape)}, but {data.name!r} "
+                        f"items are {list(data.input_shape)}")
+    if model.num_classes != data.num_classes:
+        raise DataError(f"{role}_model {model.name!r}: {model.num_classes} classes, but {data.name!r} has "
+                        f"{data.num_classes} ({', '.join(map(str, data.classes))})")
+    x = data.x[data.splits["train"][:2]]
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        x = x.to(param.device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            z = model.encoder(x)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's encoder is reported the same way
+        raise DataError(f"{role}_model {model.name!r}: its encoder fails on a batch {list(x.shape)} of "
+                        f"{data.name!r}: {type(e).__name__}: {e}") from None
+    finally:
+        model.train(was)
+    if not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[1] != model.feat_dim:
+        got = list(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise DataError(f"{role}_model {model.name!r}: its encoder maps {list(x.shape)} to {got}, but "
+                        f"feat_dim={model.feat_dim} (the head takes [B, {model.feat_dim}])")
+
+
+def check_device(device: str) -> None:
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r}, but no CUDA device is available here (use device=cpu)")
+
+
+# --------------------------------------------------------------------------- one place builds a run
+@dataclass
+class RunContext:
+    """Everything one run is built from, checked (:func:`prepare`).
+
+    teacher: the frozen teacher (None for a teacher-free method without one given); it also
+    measures teacher-free methods (alignment diagnostics). key: the content key of the run, a
+    hash of ``key_parts``: the config (device and threads excluded), the fingerprints of both
+    modalities, the student architecture (:func:`ucmkd.cache.model_signature`) and the
+    teacher's weights. The initial weights of a student model you pass in are not part of it.
+    """
+
+    cfg: RunConfig
+    method: type
+    params: Any
+    student_data: ModalityData
+    teacher_data: Optional[ModalityData]
+    teacher: Optional[Classifier]
+    teacher_info: dict
+    model: Classifier
+    distiller: Any
+    sampler: PairingSampler
+    device: str
+    key: Optional[str]
+    key_parts: dict
+
+    def trainer(self, run_dir: Optional[Path] = None, progress: bool = False) -> Trainer:
+        c = self.cfg
+        return Trainer(self.distiller, self.sampler, self.student_data, c.optim, run_dir=run_dir,
+                       config_hash=self.key or "", device=self.device, progress=progress,
+                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}")
+
+    @property
+    def fingerprints(self) -> dict:
+        """Short hashes of the parts of the key that are not the config."""
+        p = self.key_parts
+        return {k: content_key(p[k]) if isinstance(p[k], dict) else p[k]
+                for k in ("student_data", "teacher_data", "student_model", "teacher") if p.get(k) is not None}
+
+
+def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data: Optional[ModalityData] = None,
+            teacher: Optional[Classifier] = None, teacher_info: Optional[dict] = None,
+            student_model: Optional[Classifier] = None, progress: bool = False,
+            train_teacher: bool = True) -> RunContext:
+    """Build and check one run: method and params, data (loaded from ``cfg.data`` unless given),
+    teacher (trained or loaded from the cache unless given; ``train_teacher=False`` builds an
+    untrained one, to check a grid before anything trains), student model, distiller, pairing
+    sampler and the run's content key. Every mistake found here raises a ConfigError or
+    DataError naming the field, dataset or model at fault."""
+    check_ranges(cfg)                  # a config built in Python never went through from_dict
+    method_cls = METHODS.get(cfg.method.name)
+    params = method_cls.parse_params(cfg.method.params)
+    check_device(cfg.device)
+    if method_cls.needs_pairs and cfg.pairing.mode != "paired":
+        raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
+    if student is None or (teacher_data is None and method_cls.uses_teacher):
+        s, t = _load_pair(cfg)
+        student = student if student is not None else s
+        teacher_data = teacher_data if teacher_data is not None else t
+    check_data(student, "student")
+    if teacher_data is not None:
+        check_data(teacher_data, "teacher_data")
+        check_compatible(student, teacher_data)
+    if teacher is not None:
+        if teacher_data is None:
+            raise ConfigError("teacher given without its teacher_data")
+        check_model(teacher, teacher_data, "teacher")
+    elif method_cls.uses_teacher:
+        if train_teacher:
+            teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
+        else:
+            from .engine.teacher import build_teacher_model
+
+            teacher = build_teacher_model(cfg, teacher_data)
+    if teacher is not None and teacher_info is None and train_teacher:
+        teacher.eval()
+        teacher_info = {"val_acc": evaluate(teacher, *teacher_data.split("val"))[0],
+                        "test_acc": evaluate(teacher, *teacher_data.split("test"))[0]}
+    seed_everything(cfg.seed)
+    model = student_model if student_model is not None else build_student(cfg, student)
+    check_model(model, student, "student")
+    distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
+    sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
+                             cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
+                             unlabelled=distiller.uses_unlabelled,
+                             require_unlabelled=distiller.requires_unlabelled)
+    config = to_dict(cfg)
+    config.pop("device", None)
+    config.pop("threads", None)
+    config["method"]["params"] = asdict(params)       # defaults spelled out: {} == {w: default}
+    parts = {"config": config, "student_data": student.fingerprint,
+             "teacher_data": teacher_data.fingerprint if teacher_data is not None else None,
+             "student_model": model_signature(model),
+             "teacher": state_digest(teacher.state_dict()) if teacher is not None and train_teacher else None}
+    parts = json.loads(json.dumps(parts, default=str))   # as key.json stores it (tuples -> lists)
+    return RunContext(cfg=cfg, method=method_cls, params=params, student_data=student, teacher_data=teacher_data,
+                      teacher=teacher, teacher_info=teacher_info or {}, model=model, distiller=distiller,
+                      sampler=sampler, device=cfg.device, key=content_key(parts) if train_teacher else None,
+                      key_parts=parts)
+
+
+# --------------------------------------------------------------------------- running
 def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[ModalityData] = None,
         teacher_data: Optional[ModalityData] = None, teacher: Optional[Classifier] = None,
         teacher_info: Optional[dict] = None, progress: bool = False, student_model: Optional[Classifier] = None,
@@ -52,71 +218,138 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
     """Train one student with ``cfg.method`` and return its result dict.
 
     Data, teacher and student model may be passed in (bring your own); otherwise they are
-    built from ``cfg``. With ``run_dir`` the run is checkpointed there, its resolved config
-    saved as ``config.yaml``, and a finished run (``result.json`` with the same key) is reused.
+    built from ``cfg`` (:func:`prepare`). With ``run_dir`` the run is checkpointed there, its
+    resolved config saved as ``config.yaml`` and its key as ``key.json``; an interrupted run
+    resumes, a finished one is loaded back (the same keys as a fresh run, ``distiller``
+    included). A ``run_dir`` written by another run (another config, data, student
+    architecture or teacher) raises a DataError naming the directory and what differs.
+    ``resume=False`` starts over: what the directory holds is moved aside
+    (``<run_dir>.stale-<key>``), never deleted.
 
     Result keys: method, seed, teacher/student names, test_acc (at best val epoch), val_acc,
-    best_epoch, last_test_acc, teacher_test_acc, seconds, run_dir, key; ``selected``
-    ("student", or "fallback" when a validation-gated method fell back) and ``candidates``
-    (each candidate's best-validation epoch, val and test accuracy).
+    best_epoch, last_test_acc, epochs, teacher_test_acc, seconds, sampler, diag_* (alignment
+    diagnostics), params, run_dir, key, fingerprints; ``selected`` (the candidate returned:
+    "student", or e.g. "fallback" when ucmkd's CE shadow validated better) and ``candidates``
+    (each candidate's best-validation epoch, val and test accuracy); ``distiller`` (holding the
+    returned student; not in result.json).
     """
-    method_cls = METHODS.get(cfg.method.name)
-    params = method_cls.parse_params(cfg.method.params)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    key = run_key(cfg)
+    ctx = prepare(cfg, student, teacher_data, teacher, teacher_info, student_model, progress=progress)
+    return run_context(ctx, run_dir, progress=progress, resume=resume)
+
+
+def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress: bool = False,
+                resume: bool = True, stale: str = "error") -> dict:
+    """Train (or resume, or load back) the run ``ctx`` in ``run_dir`` (see :func:`run`).
+    ``stale="set_aside"`` moves a directory written by another run aside instead of raising
+    (the grid's choice: an edited suite)."""
+    cfg, distiller = ctx.cfg, ctx.distiller
     run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None and resume and (run_dir / "result.json").is_file():
-        res = json.loads((run_dir / "result.json").read_text())
-        if res.get("key") == key:
-            return res
-    if student is None or (teacher_data is None and method_cls.uses_teacher):
-        s, t = load_pair(cfg)
-        student = student or s
-        teacher_data = teacher_data or t
-    if teacher_data is not None:
-        check_compatible(student, teacher_data)
-    if method_cls.needs_pairs and cfg.pairing.mode != "paired":
-        raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
-    if method_cls.uses_teacher and teacher is None:
-        teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
-    diag_teacher = teacher if teacher_data is not None else None   # also measures teacher-free methods
-    if not method_cls.uses_teacher:
-        teacher = None
-    seed_everything(cfg.seed)
-    model = student_model if student_model is not None else build_student(cfg, student)
-    distiller = method_cls(model, teacher, params)
-    sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
-                             cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
-                             unlabelled=distiller.uses_unlabelled,
-                             require_unlabelled=distiller.requires_unlabelled)
     if run_dir is not None:
+        _claim(run_dir, ctx, stale="set_aside" if not resume else stale, fresh=not resume)
+        done = read_json(run_dir / "result.json", "run result")
+        if done is not None and done.get("key") == ctx.key:
+            ctx.trainer(run_dir).restore_best()
+            return {**done, "distiller": distiller}
         run_dir.mkdir(parents=True, exist_ok=True)
+        clean_tmp(run_dir)            # what a killed process left behind
+        if not (run_dir / RUN_KEY_FILE).is_file():
+            write_json(run_dir / RUN_KEY_FILE, {"key": ctx.key, "parts": ctx.key_parts})
         save_config(cfg, run_dir / "config.yaml")
-    desc = f"{cfg.method.name} {cfg.data.teacher}->{cfg.data.student} s{cfg.seed}"
-    trainer = Trainer(distiller, sampler, student, cfg.optim, run_dir=run_dir, config_hash=key,
-                      device=cfg.device, progress=progress, desc=desc)
+    trainer = ctx.trainer(run_dir, progress)
     t0 = time.time()
     fit = trainer.fit()
     trainer.restore_best()
     diag = {}
-    if diag_teacher is not None:
+    if ctx.teacher is not None and ctx.teacher_data is not None:
         from .diagnostics import alignment_diagnostics
 
         proj = distiller.extra["projector"] if "projector" in distiller.extra else None
-        diag = alignment_diagnostics(model, diag_teacher, student, teacher_data, projector=proj,
+        diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data, projector=proj,
                                      seed=cfg.seed, device=cfg.device)
     result = {
         "method": cfg.method.name, "seed": cfg.seed, "teacher": cfg.data.teacher, "student": cfg.data.student,
         "test_acc": fit.test_acc, "val_acc": fit.val_acc, "best_epoch": fit.best_epoch,
         "last_test_acc": fit.last_test_acc, "epochs": fit.epochs,
         "selected": fit.selected, "candidates": fit.candidates,
-        "teacher_test_acc": (teacher_info or {}).get("test_acc", float("nan")),
-        "seconds": time.time() - t0, "sampler": sampler.summary(),
+        "teacher_test_acc": ctx.teacher_info.get("test_acc", float("nan")),
+        "seconds": time.time() - t0, "sampler": ctx.sampler.summary(),
         **{f"diag_{k}": v for k, v in diag.items()},
-        "params": asdict(params), "run_dir": str(run_dir) if run_dir else None, "key": key,
+        "params": asdict(ctx.params), "run_dir": str(run_dir) if run_dir else None, "key": ctx.key,
+        "fingerprints": ctx.fingerprints,
     }
     if run_dir is not None:
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-    result["distiller"] = distiller   # holds the best-validation student; not in result.json
+        write_json(run_dir / "result.json", result)
+    result["distiller"] = distiller   # holds the returned (best-validation) student; not in result.json
     return result
+
+
+# --------------------------------------------------------------------------- run directories
+def stored_key(run_dir: Path) -> Optional[str]:
+    """The key of the run ``run_dir`` holds (key.json, else result.json, else latest.pt), or None."""
+    ident = read_json(run_dir / RUN_KEY_FILE, "run key")
+    if ident is not None:
+        return ident.get("key")
+    done = read_json(run_dir / "result.json", "run result")
+    if done is not None:
+        return done.get("key")
+    if (run_dir / "latest.pt").is_file():
+        from .engine.checkpoint import load_checkpoint
+
+        return load_checkpoint(run_dir / "latest.pt").get("config_hash")
+    return None
+
+
+def _claim(run_dir: Path, ctx: RunContext, stale: str, fresh: bool) -> None:
+    """Make ``run_dir`` this run's: keep it if it holds this run (unless ``fresh``); else raise a
+    DataError saying what differs, or (``stale="set_aside"``) rename it ``<dir>.stale-<key>``."""
+    old = stored_key(run_dir) if run_dir.is_dir() else None
+    if old is None or (old == ctx.key and not fresh):
+        return
+    if old != ctx.key and stale != "set_aside":
+        ident = read_json(run_dir / RUN_KEY_FILE, "run key")
+        what = (what_differs(ident.get("parts", {}), ctx.key_parts) if ident is not None
+                else "its files carry another key (another config, or written by an older ucmkd)")
+        raise DataError(f"run_dir {run_dir} holds another run (key {old}; this run's key is {ctx.key}): "
+                        f"{what}. Give another run_dir, or move this one away to start over")
+    target, i = run_dir.with_name(f"{run_dir.name}.stale-{old}"), 1
+    while target.exists():
+        i += 1
+        target = run_dir.with_name(f"{run_dir.name}.stale-{old}-{i}")
+    run_dir.rename(target)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def what_differs(old: dict, new: dict, limit: int = 4) -> str:
+    """Two runs' key parts (:attr:`RunContext.key_parts`) compared, in words."""
+    out = []
+    a, b = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
+    diff = [f"{k}: {a.get(k, 'absent')!r} -> {b.get(k, 'absent')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+    if diff:
+        out.append("config " + "; ".join(diff[:limit]) + (f" (and {len(diff) - limit} more)" if len(diff) > limit else ""))
+    for k, what in (("student_data", "student data"), ("teacher_data", "teacher data")):
+        fa, fb = old.get(k) or {}, new.get(k) or {}
+        if fa != fb:
+            fields = [f for f in sorted(set(fa) | set(fb)) if fa.get(f) != fb.get(f)]
+            out.append(f"{what} {fb.get('name', fa.get('name'))!r}: " + "; ".join(
+                f"{f} {fa.get(f, 'absent')} -> {fb.get(f, 'absent')}" for f in fields))
+    sig = signature_diff(old.get("student_model") or {}, new.get("student_model") or {})
+    if sig:
+        out.append(f"student model: {sig}")
+    if old.get("teacher") != new.get("teacher"):
+        out.append(f"teacher weights: digest {old.get('teacher')} -> {new.get('teacher')}")
+    return ", ".join(out) or "the key's format (written by another ucmkd version)"
+
+
+__all__ = ["RunContext", "prepare", "run", "run_context", "build_student", "load_pair", "run_key",
+           "check_model", "check_data", "what_differs", "stored_key"]

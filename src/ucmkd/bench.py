@@ -18,8 +18,10 @@ import numpy as np
 
 from .config import SettingConfig, SuiteConfig, builtin_yaml, from_dict, resolve_yaml, save_config
 from .errors import ConfigError
+from .methods import METHODS
 from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
-from .report import ci_excludes_zero, plot, summarise, ucmkd_report, write_csv
+from .cache import write_text
+from .report import ci_excludes_zero, headline_report, plot, summarise, write_csv
 
 
 def builtin_suites() -> list[str]:
@@ -52,16 +54,23 @@ def select(names: list[str], only: str | None) -> list[str]:
 def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None) -> tuple[list[Cell], list[Cell]]:
     """(cells to run now, all cells of the suite)."""
     settings = settings_of(suite)
+    chosen = set(select(list(settings), only))
+    validate_methods(suite.methods, suite.variants, suite.method_params)
     for name, st in settings.items():
-        validate_methods(suite.methods + st.extra_methods, suite.variants, suite.method_params)
-        unknown = [m for m in st.exclude_methods if m not in suite.methods]
+        if name not in chosen:        # settings left out by --only are not checked against this run
+            continue
+        validate_methods(st.extra_methods, suite.variants, {})
+        # an exclusion may name a method that a narrowed list (methods=[...]) no longer has
+        unknown = [m for m in st.exclude_methods if m not in suite.variants and m not in METHODS]
         if unknown:
-            raise ConfigError(f"settings.{name}.exclude_methods: {unknown[0]!r} is not one of the suite's methods")
+            raise ConfigError(f"settings.{name}.exclude_methods: {unknown[0]!r} is neither a method nor a "
+                              f"variant; known methods: {', '.join(METHODS.names())}")
     if suite.baseline not in suite.methods:
         raise ConfigError(f"baseline {suite.baseline!r} must be one of the suite's methods {suite.methods}")
+    if suite.headline.method is not None and suite.headline.method not in suite.variants:
+        METHODS.get(suite.headline.method)
     if not suite.seeds:
         raise ConfigError("seeds: give at least one seed")
-    chosen = set(select(list(settings), only))
     all_cells, now = [], []
     for name, st in settings.items():
         for m in [m for m in suite.methods if m not in st.exclude_methods] + st.extra_methods:
@@ -146,17 +155,19 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
     """Write tables.md, summary.csv, results.csv, heatmap.png and bars/<setting>.png."""
     settings = settings_of(suite)
     methods = list(dict.fromkeys(suite.methods + [m for s in settings.values() for m in s.extra_methods]))
-    excluded = [f"{m} in {name}" for name, st in settings.items() for m in st.exclude_methods]
+    excluded = [f"{m} in {name}" for name, st in settings.items() for m in st.exclude_methods if m in methods]
     rows = summarise(results, baseline=suite.baseline, by=("setting",))
     tables = setting_tables(rows, settings, methods, suite.baseline)
     if excluded:
         tables += "\nNot run (the method cannot apply to the setting's backbones): " + ", ".join(excluded) + "."
-    (out / "tables.md").write_text(tables + "\n")
-    if "ucmkd" in methods and suite.baseline in methods:
-        # baselines: every non-ucmkd method of the suite (oracles and ablations are variants)
-        others = [m for m in methods if m != suite.baseline and not m.startswith("ucmkd")
-                  and m not in suite.variants]
-        (out / "ucmkd.md").write_text(ucmkd_report(results, list(settings), others, suite.baseline) + "\n")
+    write_text(out / "tables.md", tables + "\n")
+    h = suite.headline
+    if h.method in methods and suite.baseline in methods:
+        # baselines: every other method of the suite (oracles and ablations are variants)
+        others = [m for m in methods if m not in (suite.baseline, h.method, *h.compare) and m not in suite.variants]
+        write_text(out / f"{safe_name(h.method)}.md", headline_report(
+            results, list(settings), others, suite.baseline, h.method, tuple(h.compare), h.control,
+            h.ablation_prefix, h.ungated) + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]

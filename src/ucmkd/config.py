@@ -1,6 +1,8 @@
 """Typed configuration: dataclasses with defaults, merged from YAML and ``key=value`` overrides.
 
-Every field error names its dotted path (``optim.lr``) so a typo never passes silently.
+Every field error names its dotted path (``optim.lr``) so a typo never passes silently. Numeric
+fields carry their valid range (:func:`ranged`), checked when a config is read (:func:`from_dict`)
+and, for configs built in Python, by :func:`check_ranges` before a run is prepared.
 """
 from __future__ import annotations
 
@@ -18,21 +20,58 @@ import yaml
 from .errors import ConfigError
 
 
+# --------------------------------------------------------------------------- valid ranges
+def ranged(default: Any, lo: Any = None, hi: Any = None, *, lo_open: bool = False, hi_open: bool = False):
+    """A dataclass field whose value must lie in [lo, hi] (``lo_open``/``hi_open``: exclusive
+    bounds; None: unbounded). ``None`` values of Optional fields are always valid."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"{'<' if hi_open else '<='} {hi}"
+
+
+def _check_range(f, value: Any, path: str) -> None:
+    rng = f.metadata.get("range")
+    if rng is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi, lo_open, hi_open = rng
+    ok = ((lo is None or (value > lo if lo_open else value >= lo)) and
+          (hi is None or (value < hi if hi_open else value <= hi)))
+    if not ok:
+        raise ConfigError(f"{path}: expected a value {range_text(*rng)}, got {value!r}")
+
+
+def check_ranges(cfg: Any, path: str = "") -> None:
+    """Check every ranged field of the dataclass ``cfg`` (recursively); errors name the dotted field."""
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        where = _join(path, f.name)
+        if is_dataclass(v):
+            check_ranges(v, where)
+        else:
+            _check_range(f, v, where)
+
+
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Two views of one latent class structure (see :mod:`ucmkd.data.synthetic`)."""
 
-    n_items: int = 3000          # items per view (item i of view A and of view B share a latent)
-    num_classes: int = 10
-    latent_dim: int = 8
-    class_sep: float = 2.0       # distance scale between class means in latent space
-    dim_a: int = 16              # view A: near-linear map of the latent
-    dim_b: int = 32              # view B: nonlinear map + distractors
-    noise: float = 0.5           # view-B observation noise (std, in units of the latent scale)
-    nonlinearity: float = 1.0    # 0 = linear view B, larger = more tanh/sin warping
-    distractors: int = 16        # pure-noise dimensions appended to view B
-    noise_a: float = 0.1         # view-A observation noise
+    n_items: int = ranged(3000, 2)          # items per view (item i of view A and of view B share a latent)
+    num_classes: int = ranged(10, 2)
+    latent_dim: int = ranged(8, 1)
+    class_sep: float = ranged(2.0, 0.0)       # distance scale between class means in latent space
+    dim_a: int = ranged(16, 1)              # view A: near-linear map of the latent
+    dim_b: int = ranged(32, 1)              # view B: nonlinear map + distractors
+    noise: float = ranged(0.5, 0.0)           # view-B observation noise (std, in units of the latent scale)
+    nonlinearity: float = ranged(1.0, 0.0)    # 0 = linear view B, larger = more tanh/sin warping
+    distractors: int = ranged(16, 0)        # pure-noise dimensions appended to view B
+    noise_a: float = ranged(0.1, 0.0)         # view-A observation noise
     seed: int = 0                # generation seed (fixed data, independent of run seeds)
 
 
@@ -57,11 +96,11 @@ class SpokenDigitsConfig:
 class AVConfig:
     """Options of the audio-visual dataset adapters (RAVDESS, CREMA-D, AVE, VGGSound)."""
 
-    image_size: int = 64          # face/scene frames are resized to image_size x image_size
-    frames: int = 1               # frames per clip (evenly spaced), stacked as channels
+    image_size: int = ranged(64, 1)          # face/scene frames are resized to image_size x image_size
+    frames: int = ranged(1, 1)               # frames per clip (evenly spaced), stacked as channels
     grayscale: bool = False
-    audio_length: int = 0         # time steps of audio features (crop/pad); 0 = the dataset's own
-    audio_size: int = 0           # >0: resize audio features to audio_size x audio_size (bilinear, e.g. 224 for a ViT)
+    audio_length: int = ranged(0, 0)         # time steps of audio features (crop/pad); 0 = the dataset's own
+    audio_size: int = ranged(0, 0)           # >0: resize audio features to audio_size x audio_size (bilinear, e.g. 224 for a ViT)
 
 
 @dataclass
@@ -69,10 +108,10 @@ class DataConfig:
     teacher: str = "digits/image"     # modality dataset name (registry ``ucmkd.data.DATASETS``)
     student: str = "digits/signal"
     split_seed: int = 0               # fixed splits: the same for every run seed
-    test_frac: float = 0.25
-    val_frac: float = 0.2             # carved from the training part
+    test_frac: float = ranged(0.25, 0.0, 1.0, lo_open=True, hi_open=True)
+    val_frac: float = ranged(0.2, 0.0, 1.0, lo_open=True, hi_open=True)             # carved from the training part
     cache_dir: Optional[str] = None   # default: $UCMKD_CACHE or ~/.cache/ucmkd
-    mnist1d_samples: int = 4000       # size of the generated digits/signal set
+    mnist1d_samples: int = ranged(4000, 10)       # size of the generated digits/signal set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
@@ -84,11 +123,11 @@ class PairingConfig:
     """How distillation batches join student items with teacher-modality items."""
 
     mode: str = "class-matched"           # class-matched | unpaired | paired
-    label_budget: Optional[int] = 10      # labelled student items per class (None = all)
-    mismatch_ratio: Optional[float] = None  # marginal mismatch: student share r of each class pool
-    imbalance_rho: Optional[float] = None   # long-tail factor rho (keep (1/rho)^(rank/(K-1)))
+    label_budget: Optional[int] = ranged(10, 1)      # labelled student items per class (None = all)
+    mismatch_ratio: Optional[float] = ranged(None, 0.0, 1.0, lo_open=True, hi_open=True)  # marginal mismatch: student share r of each class pool
+    imbalance_rho: Optional[float] = ranged(None, 1.0)   # long-tail factor rho (keep (1/rho)^(rank/(K-1)))
     imbalance_side: str = "teacher"       # teacher | student
-    shift_level: float = 0.0              # domain-shift corruption level (0 = none)
+    shift_level: float = ranged(0.0, 0.0, 1.0)              # domain-shift corruption level (0 = none)
     shift_side: str = "student"           # teacher | student | both
 
 
@@ -96,35 +135,35 @@ class PairingConfig:
 class ModelConfig:
     teacher_backbone: str = "auto"   # auto picks by input kind: mlp | cnn1d | cnn2d
     student_backbone: str = "auto"
-    teacher_width: int = 64
-    student_width: int = 16
-    teacher_feat_dim: int = 64
-    student_feat_dim: int = 64       # != teacher_feat_dim adds a learned projector
+    teacher_width: int = ranged(64, 1)
+    student_width: int = ranged(16, 1)
+    teacher_feat_dim: int = ranged(64, 1)
+    student_feat_dim: int = ranged(64, 1)       # != teacher_feat_dim adds a learned projector
     teacher_backbone_args: dict = field(default_factory=dict)   # extra builder kwargs, e.g. {model_name: vit_small_patch16_224}
     student_backbone_args: dict = field(default_factory=dict)
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 3
-    min_lr: float = 1e-6
-    clip_norm: float = 5.0
-    steps_per_epoch: Optional[int] = 8   # None: one pass over the labelled student pool
+    epochs: int = ranged(60, 1)
+    batch_size: int = ranged(64, 1)
+    lr: float = ranged(3e-3, 0.0, lo_open=True)
+    weight_decay: float = ranged(0.05, 0.0)
+    warmup_epochs: int = ranged(3, 0)
+    min_lr: float = ranged(1e-6, 0.0)
+    clip_norm: float = ranged(5.0, 0.0)                  # 0: no clipping
+    steps_per_epoch: Optional[int] = ranged(8, 1)       # None: one pass over the labelled student pool
 
 
 @dataclass
 class TeacherConfig(OptimConfig):
     """Teacher training schedule (an :class:`OptimConfig` with its own defaults) and seed."""
 
-    epochs: int = 30
-    batch_size: int = 128
-    warmup_epochs: int = 2
-    steps_per_epoch: Optional[int] = None   # one pass over the teacher's training split
-    seed: int = 0                # one teacher per (data, model, schedule, seed), shared by student seeds
+    epochs: int = ranged(30, 1)
+    batch_size: int = ranged(128, 1)
+    warmup_epochs: int = ranged(2, 0)
+    steps_per_epoch: Optional[int] = ranged(None, 1)   # None: one pass over the teacher's training split
+    seed: int = ranged(0, 0)     # one teacher per (data, model, schedule, seed), shared by student seeds
 
 
 @dataclass
@@ -143,9 +182,9 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    seed: int = 0
+    seed: int = ranged(0, 0)
     device: str = "cpu"
-    threads: Optional[int] = None
+    threads: Optional[int] = ranged(None, 1)
 
 
 @dataclass
@@ -177,6 +216,17 @@ class SettingConfig:
 
 
 @dataclass
+class HeadlineConfig:
+    """A suite's headline method, reported on its own in ``<method>.md`` (:func:`ucmkd.report.headline_report`)."""
+
+    method: Optional[str] = None     # None: no headline report
+    compare: list = field(default_factory=list)   # methods shown in their own columns (e.g. the paper's)
+    control: Optional[str] = None    # a teacher-free control, in its own column
+    ablation_prefix: Optional[str] = None   # variants named <prefix><ingredient> are its ablations
+    ungated: Optional[str] = None    # label of the rows made of its runs' "student" candidate (no selection)
+
+
+@dataclass
 class SuiteConfig:
     """``ucmkd bench``: settings x methods x seeds, with paired statistics against ``baseline``."""
 
@@ -189,7 +239,8 @@ class SuiteConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     settings: dict = field(default_factory=dict)        # name -> SettingConfig fields
     baseline: str = "ce"
-    workers: int = 1
+    workers: int = ranged(1, 1)
+    headline: HeadlineConfig = field(default_factory=HeadlineConfig)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -271,6 +322,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     for f in fields(cls):
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], _join(path, f.name))
+            _check_range(f, kwargs[f.name], _join(path, f.name))
     return cls(**kwargs)
 
 
@@ -381,7 +433,10 @@ def resolve_yaml(package: str, name: str, what: str):
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write ``cfg`` as YAML to ``path``, atomically."""
+    from .cache import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_hash(obj: Any, n: int = 10) -> str:

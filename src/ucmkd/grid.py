@@ -96,12 +96,16 @@ class ResultStore:
         for r in self.rows:
             self._by_cell.setdefault((r.get("setting"), r.get("method"), r.get("seed")), []).append(r)
 
-    def find(self, cell: Cell) -> Optional[dict]:
+    def find(self, cell: Cell, fingerprints: Optional[dict] = None) -> Optional[dict]:
         """The latest stored row of ``cell``: same store key, or (for rows written before a
         config field was added) the same config on every stored field, with the fields the row
-        lacks at their defaults."""
+        lacks at their defaults. With ``fingerprints`` (the cell's :func:`data_fingerprints`), a
+        row recorded on other data content is not a match (rows that predate fingerprints are)."""
         key = cell.store_key
         cands = self._by_cell.get((cell.setting, cell.label, cell.seed), [])
+        if fingerprints:
+            cands = [r for r in cands if all((r.get("fingerprints") or {}).get(k, v) == v
+                                             for k, v in fingerprints.items())]
         exact = [r for r in cands if r.get("store_key") == key]
         if exact:
             return exact[-1]
@@ -167,78 +171,64 @@ _DATA_CACHE: dict = {}
 
 
 def _load(cfg: RunConfig):
-    """(student, teacher) modalities, memoised per process by the data config."""
-    from .api import load_pair
+    """(student, teacher) modalities, memoised per process by the data config (unchecked:
+    :func:`ucmkd.api.prepare` checks them, once per run)."""
+    from .api import _load_pair
 
-    key = json.dumps([asdict(cfg.data)], sort_keys=True)
+    key = json.dumps([asdict(cfg.data)], sort_keys=True, default=str)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_pair(cfg)
+        _DATA_CACHE[key] = _load_pair(cfg)
     return _DATA_CACHE[key]
 
 
-def _teacher_for(cfg: RunConfig):
+def _context(cfg: RunConfig, train_teacher: bool = True):
+    """The :class:`~ucmkd.api.RunContext` of a cell. Its teacher is trained (or loaded from the
+    cache) for every method, so that teacher-free methods get their alignment diagnostics too;
+    ``train_teacher=False``: an untrained one (preflight)."""
+    from .api import prepare
     from .engine import get_teacher
 
     student, teacher_data = _load(cfg)
-    teacher, info = get_teacher(cfg, teacher_data)
-    return student, teacher_data, teacher, info
+    teacher, info = get_teacher(cfg, teacher_data) if train_teacher else (None, None)
+    return prepare(cfg, student=student, teacher_data=teacher_data, teacher=teacher, teacher_info=info,
+                   train_teacher=train_teacher)
 
 
-def _set_aside_stale(run_dir: Path, cfg: RunConfig) -> None:
-    """A cell's directory left by an earlier config of the same cell (a suite edited after an
-    interrupted run) is renamed ``<dir>.stale-<old key>``: kept, never resumed, never deleted."""
-    from .api import run_key
-    from .engine.checkpoint import load_checkpoint
+def data_fingerprints(cfg: RunConfig) -> dict:
+    """Short hashes of the content of a cell's two modalities (as recorded in its results row)."""
+    from .cache import content_key
 
-    latest = run_dir / "latest.pt"
-    if not latest.is_file():
-        return
-    old = load_checkpoint(latest).get("config_hash")
-    if old != run_key(cfg):
-        target = run_dir.with_name(f"{run_dir.name}.stale-{old}")
-        if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
-        run_dir.rename(target)
+    student, teacher_data = _load(cfg)
+    return {"student_data": content_key(student.fingerprint), "teacher_data": content_key(teacher_data.fingerprint)}
 
 
 def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
-    """Worker entry point (also called in-process): train one cell, return its result row."""
+    """Worker entry point (also called in-process): train one cell, return its result row. A
+    cell directory left by another config of the same cell (a suite edited after an interrupted
+    run) is renamed ``<dir>.stale-<old key>``: kept, never resumed, never deleted."""
     import torch
 
-    from .api import run
+    from .api import run_context
 
     if threads:
         torch.set_num_threads(threads)
     cfg = from_dict(RunConfig, cfg_dict)
-    _set_aside_stale(Path(run_dir), cfg)
-    student, teacher_data, teacher, info = _teacher_for(cfg)
-    res = run(cfg, run_dir=run_dir, student=student, teacher_data=teacher_data, teacher=teacher,
-              teacher_info=info)
+    res = run_context(_context(cfg), run_dir, stale="set_aside")
     res.pop("distiller", None)
-    res["teacher_test_acc"] = info["test_acc"]
     return res
 
 
 def preflight(cells: list[Cell]) -> None:
-    """Build data, (untrained) models and the distiller of every (setting, method) before any
-    training, so that a cell that cannot run fails in seconds, not after hours of grid."""
-    from .api import build_student
-    from .engine.teacher import build_teacher_model
-    from .errors import UcmkdError
-    from .methods import METHODS
-
+    """Prepare every (setting, method) with an untrained teacher before any training
+    (:func:`ucmkd.api.prepare`: data, models, distiller, pairing sampler, ``needs_pairs``), so
+    that a cell that cannot run fails in seconds, not after hours of grid."""
     seen = set()
     for c in cells:
         if (c.setting, c.label) in seen:
             continue
         seen.add((c.setting, c.label))
         try:
-            student, teacher_data = _load(c.cfg)
-            cls = METHODS.get(c.cfg.method.name)
-            teacher = build_teacher_model(c.cfg, teacher_data) if cls.uses_teacher else None
-            cls(build_student(c.cfg, student), teacher, cls.parse_params(c.cfg.method.params))
+            _context(c.cfg, train_teacher=False)
         except UcmkdError as e:
             raise type(e)(f"setting {c.setting!r}, method {c.label!r}: {e}") from None
 
@@ -250,19 +240,20 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
     Teachers are trained (or loaded from the cache) first, in this process; then the cells
     run, in ``workers`` spawned processes of one thread each when ``workers > 1``.
     """
-    todo = [c for c in cells if store.find(c) is None]
+    todo = [c for c in cells if store.find(c, data_fingerprints(c.cfg)) is None]
     preflight(todo)
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} runs already in {store.path}; running {len(todo)}")
     seen = set()
     for c in todo:
+        from .engine import get_teacher
         from .engine.teacher import teacher_dir
 
         _, teacher_data = _load(c.cfg)
         tdir = teacher_dir(c.cfg, teacher_data)
         if tdir not in seen:
             seen.add(tdir)
-            _, _, _, info = _teacher_for(c.cfg)
+            _, info = get_teacher(c.cfg, teacher_data)
             log(f"teacher {c.cfg.data.teacher}: test acc {100 * info['test_acc']:.1f}% "
                 f"(val {100 * info['val_acc']:.1f}%), {info['path']}")
     version = code_version()

@@ -136,19 +136,16 @@ def plot(rows: list[dict], path: str | Path, method_order: list[str] | None = No
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- ucmkd report
-NO_GATE = "ucmkd-no-gate"
-
-
-def with_no_gate(results: list[dict], method: str = "ucmkd") -> list[dict]:
-    """``results`` plus, for every ``method`` run that recorded its candidates, a row
-    ``ucmkd-no-gate`` with the distilled candidate's numbers: the same run without the
-    validation-gated fallback (the shadow never touches the distilled student)."""
+# ----------------------------------------------------------------------------- headline report
+def with_ungated(results: list[dict], method: str, label: str) -> list[dict]:
+    """``results`` plus, for every ``method`` run that recorded its candidates, a row ``label``
+    with its "student" candidate's numbers: the same run without the candidate selection (the
+    other candidates never touch the distilled student)."""
     extra = []
     for r in results:
         cand = (r.get("candidates") or {}).get("student")
         if r["method"] == method and cand is not None:
-            extra.append({**r, "method": NO_GATE, "test_acc": cand["test_acc"], "val_acc": cand["val_acc"]})
+            extra.append({**r, "method": label, "test_acc": cand["test_acc"], "val_acc": cand["val_acc"]})
     return results + extra
 
 
@@ -164,23 +161,30 @@ def ci_excludes_zero(r: dict) -> bool:
     return not math.isnan(r["ci_low"]) and (r["ci_low"] > 0 or r["ci_high"] < 0)
 
 
-def ucmkd_report(results: list[dict], settings: list[str], baselines: list[str], baseline: str = "ce",
-                 method: str = "ucmkd", paper: tuple = ("ucmkd-joint", "ucmkd-bilevel"),
-                 semi: str = "pseudo-label", ablation_prefix: str = "ucmkd-no-") -> str:
+def headline_report(results: list[dict], settings: list[str], baselines: list[str], baseline: str,
+                    method: str, compare: tuple = (), control: str | None = None,
+                    ablation_prefix: str | None = None, ungated: str | None = None) -> str:
     """Markdown: (1) headline, per setting: ``baseline`` accuracy, then the paired delta
-    [95 % t-CI] of ``method``, the paper's methods, the teacher-free ``semi`` control and the
-    best of ``baselines`` (by mean delta), and how often the fallback was chosen; (2) the mean
-    delta over settings of every method (the suite's mean delta); (3) the ablation table: for
-    each ingredient removed, its delta vs ``method`` paired by seed (negative = the ingredient helps)."""
-    results = with_no_gate(results, method)
+    [95 % t-CI] of ``method``, of the ``compare`` methods, of the teacher-free ``control`` and of
+    the best of ``baselines`` (by mean delta), and how often a candidate other than the student
+    was chosen; (2) the mean delta over settings of every method (the suite's mean delta); (3)
+    the ablation table: for each variant ``<ablation_prefix><ingredient>`` (and ``ungated``, the
+    runs' "student" candidates), its delta vs ``method`` paired by seed (negative = the
+    ingredient helps)."""
+    if ungated:
+        results = with_ungated(results, method, ungated)
     rows = {(r["setting"], r["method"]): r for r in summarise(results, baseline=baseline, by=("setting",))}
-    sel = {}
+    sel, chosen_names = {}, set()
     for r in results:
         if r["method"] == method:
-            sel.setdefault(r["setting"], []).append(r.get("selected") == "fallback")
-    out = [f"| setting | teacher % | {baseline} % | **{method}** | " + " | ".join(paper)
-           + f" | {semi} (no teacher) | best baseline | fallback chosen |",
-           "|---|---|---|---|" + "---|" * len(paper) + "---|---|---|"]
+            picked = r.get("selected", "student")
+            sel.setdefault(r["setting"], []).append(picked != "student")
+            chosen_names |= ({picked} | set(r.get("candidates") or {})) - {"student"}
+    chosen = " / ".join(sorted(chosen_names)) or "other candidate"
+    cols = list(compare) + ([f"{control} (no teacher)"] if control else [])
+    out = [f"| setting | teacher % | {baseline} % | **{method}** | " + " | ".join(cols)
+           + f" | best baseline | {chosen} chosen |",
+           "|---|---|---|---|" + "---|" * len(cols) + "---|---|"]
     for s in settings:
         b = rows.get((s, baseline))
         if b is None or (s, method) not in rows:
@@ -191,12 +195,15 @@ def ucmkd_report(results: list[dict], settings: list[str], baselines: list[str],
         fb = sel.get(s, [])
         out.append(f"| {s} | {b['teacher_acc']:.1f} | {b['acc_mean']:.1f} +- {b['acc_std']:.1f} | "
                    f"**{_fmt_delta(rows[(s, method)])}** | "
-                   + " | ".join(_fmt_delta(rows.get((s, m))) for m in paper)
-                   + f" | {_fmt_delta(rows.get((s, semi)))} | {best_txt} | {sum(fb)}/{len(fb)} |")
+                   + " | ".join(_fmt_delta(rows.get((s, m))) for m in list(compare) + ([control] if control else []))
+                   + f" | {best_txt} | {sum(fb)}/{len(fb)} |")
     out += ["", "Deltas: pp vs " + baseline + ", mean over seeds paired by seed, [95 % Student-t CI]; "
             "`*`: the CI excludes 0.", ""]
     # suite mean delta of every method that ran in every listed setting
-    methods = sorted({m for (_, m) in rows if m != baseline and m != NO_GATE and not m.startswith(ablation_prefix)})
+    def is_ablation(m: str) -> bool:
+        return m == ungated or bool(ablation_prefix) and m.startswith(ablation_prefix)
+
+    methods = sorted({m for (_, m) in rows if m != baseline and not is_ablation(m)})
     means = []
     n_all = len([s for s in settings if (s, baseline) in rows])
     for m in methods:
@@ -211,7 +218,7 @@ def ucmkd_report(results: list[dict], settings: list[str], baselines: list[str],
         only = "" if n == n_all else f" ({n} of {n_all} settings)"
         out.append(f"| {m} | {mean:+.2f}{only} | {worst:+.1f} | {wins} |")
     # ablations: paired by seed against the full method
-    abl = sorted({m for (_, m) in rows if m.startswith(ablation_prefix) or m == NO_GATE})
+    abl = sorted({m for (_, m) in rows if is_ablation(m)})
     if abl:
         full = summarise([r for r in results if r["method"] in [method] + abl], baseline=method, by=("setting",))
         ab = {(r["setting"], r["method"]): r for r in full}

@@ -29,14 +29,14 @@ import json
 import os
 import pickle
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from ..config import DataConfig
+from ..cache import get_or_build
+from ..config import DataConfig, check_ranges
 from ..errors import ConfigError, DataError
 from .base import RawModality, cache_dir, register_dataset
 
@@ -380,25 +380,13 @@ def cache_path(layout: Layout, modality: str, cfg: DataConfig, root: Path, clips
     return cache_dir(cfg) / "av" / f"{layout.name}-{modality}-{h.hexdigest()[:16]}.npz"
 
 
-def _load_cached(path: Path, n: int) -> Optional[np.ndarray]:
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            x = z["x"]
-        if x.shape[0] != n or x.dtype != np.float32:
-            raise ValueError(f"holds {list(x.shape)} {x.dtype} for {n} clips")
-        return x
-    except Exception as e:  # noqa: BLE001
-        warnings.warn(f"{path}: unreadable audio-visual cache ({e}); decoding again", stacklevel=3)
-        return None
-
-
-def _save_cached(path: Path, x: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, x=x)
-    tmp.replace(path)
+def _read_cached(path: Path, n: int) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:
+        x = z["x"]
+    if x.shape[0] != n or x.dtype != np.float32:
+        raise DataError(f"{path}: the decoded cache holds {list(x.shape)} {x.dtype} for {n} clips; "
+                        f"delete it to decode again")
+    return x
 
 
 def load_av(family: str, modality: str, cfg: DataConfig) -> RawModality:
@@ -407,20 +395,18 @@ def load_av(family: str, modality: str, cfg: DataConfig) -> RawModality:
         raise ConfigError(f"unknown audio-visual modality {modality!r}; expected audio or visual")
     layout = LAYOUTS[family]
     av = cfg.av
-    if av.image_size < 1 or av.frames < 1 or av.audio_length < 0 or av.audio_size < 0:
-        raise ConfigError(f"data.av: image_size and frames must be >= 1, audio_length and audio_size >= 0; got "
-                          f"image_size={av.image_size}, frames={av.frames}, audio_length={av.audio_length}, "
-                          f"audio_size={av.audio_size}")
+    check_ranges(av, "data.av")
     root = dataset_root(layout, cfg)
     clips, classes = build_index(layout, root)
     path = cache_path(layout, modality, cfg, root, clips, classes)
-    x = _load_cached(path, len(clips))
-    if x is None:
+
+    def decode() -> np.ndarray:
         if modality == "audio":
-            x = decode_audio(layout, clips, av.audio_length, av.audio_size)
-        else:
-            x = decode_visual(clips, av.frames, av.image_size, av.grayscale)
-        _save_cached(path, x)
+            return decode_audio(layout, clips, av.audio_length, av.audio_size)
+        return decode_visual(clips, av.frames, av.image_size, av.grayscale)
+
+    x = get_or_build(path, decode, lambda x, tmp: np.savez(tmp, x=x), lambda p: _read_cached(p, len(clips)),
+                     "audio-visual cache")
     cls_index = {c: i for i, c in enumerate(classes)}
     return RawModality(x=x, y=np.array([cls_index[c.label] for c in clips], dtype=np.int64),
                        classes=list(classes), kind="image", pair_id=np.arange(len(clips), dtype=np.int64),

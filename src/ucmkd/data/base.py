@@ -31,9 +31,9 @@ class RawModality:
         train/test lists); validation is carved from "train" when no item is "val".
     groups: optional array [N] of group ids (e.g. speaker/voice): whole groups are held out
         for the test split (group-independent evaluation); validation is carved from the rest.
-    fingerprint: JSON-able dict of everything besides the name that determines the items
-        (generation recipe, files and options); it keys cached teachers, so a changed recipe
-        never reuses a stale teacher.
+    fingerprint: optional JSON-able dict of what determines the items besides the arrays'
+        content (generation recipe, files and options). It joins the content hash in
+        :attr:`ModalityData.fingerprint`, which keys cached teachers and runs.
     """
 
     x: np.ndarray
@@ -59,6 +59,8 @@ class ModalityData:
         classes: class names, index = label.
         splits: ``{"train", "val", "test"}`` -> int64 index tensors into x/y.
         pair_id: int64 [N] or None.
+        fingerprint: what identifies the content (:func:`data_fingerprint`; computed on first
+            use, so an in-place edit of ``x`` after that is not seen).
     """
 
     name: str
@@ -70,6 +72,13 @@ class ModalityData:
     pair_id: Optional[torch.Tensor] = None
     source: str = ""
     meta: dict = field(default_factory=dict)
+    _fingerprint: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self)
+        return self._fingerprint
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +96,25 @@ class ModalityData:
     def describe(self) -> str:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
         return f"{self.name} ({self.kind}, input {list(self.input_shape)}, {self.num_classes} classes, {sizes})"
+
+
+def data_fingerprint(data: ModalityData) -> dict:
+    """What identifies a modality's content: name, kind, shape, dtype, classes, the builder's own
+    fingerprint (``meta["fingerprint"]``: recipe, files) if any, and ``content``, a hash of the
+    arrays as the runs see them (inputs, labels, splits, pair ids;
+    :func:`ucmkd.cache.array_digest`): every byte up to 64 MiB, 256 evenly spaced chunks of
+    256 KiB above (a bounded ~0.1 s). So a dataset registered without a fingerprint, then
+    changed, gets another one; for arrays above 64 MiB, give the builder a ``fingerprint`` that
+    changes with the data (e.g. file sizes and mtimes) to be safe from changes between chunks."""
+    from ..cache import content_key
+
+    out = {"name": data.name, "kind": data.kind, "shape": list(data.x.shape), "dtype": str(data.x.dtype),
+           "classes": [str(c) for c in data.classes]}
+    if data.meta.get("fingerprint"):
+        out["recipe"] = data.meta["fingerprint"]
+    out["content"] = content_key({"x": data.x, "y": data.y, "pair_id": data.pair_id,
+                                  "splits": {k: data.splits[k] for k in sorted(data.splits)}}, n=16)
+    return out
 
 
 DatasetBuilder = Callable[[DataConfig], RawModality]

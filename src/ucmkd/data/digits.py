@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 
+from ..cache import get_or_build
 from ..config import DataConfig
 from ..errors import DataError
 from .base import RawModality, cache_dir, register_dataset
@@ -32,19 +33,17 @@ def mnist1d_cache_path(cfg: DataConfig):
 def digits_signal(cfg: DataConfig) -> RawModality:
     """mnist1d signals (length 40, 10 classes), generated offline and cached; x [N, 1, 40]."""
     path = mnist1d_cache_path(cfg)
-    if path.exists():
-        try:
-            with open(path, "rb") as f:
-                d = pickle.load(f)
-            x, y = d["x"], d["y"]
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{path}: corrupt mnist1d cache ({e}); delete the file to regenerate it") from None
-    else:
-        x, y = generate_mnist1d(cfg.mnist1d_samples)
-        tmp = path.with_suffix(".tmp")
+
+    def read(p):
+        with open(p, "rb") as f:
+            d = pickle.load(f)
+        return d["x"], d["y"]
+
+    def write(xy, tmp):
         with open(tmp, "wb") as f:
-            pickle.dump({"x": x, "y": y}, f)
-        tmp.replace(path)
+            pickle.dump({"x": xy[0], "y": xy[1]}, f)
+
+    x, y = get_or_build(path, lambda: generate_mnist1d(cfg.mnist1d_samples), write, read, "mnist1d cache")
     if x.ndim != 2 or x.shape[1] != 40:
         raise DataError(f"{path}: expected mnist1d signals of shape [N, 40], got {list(x.shape)}")
     return RawModality(x=x[:, None].astype(np.float32), y=y.astype(np.int64), classes=DIGIT_CLASSES,

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import PairingConfig
+from ..config import PairingConfig, check_ranges
 from ..errors import ConfigError, DataError
 from .base import ModalityData, check_compatible
 from .corruption import corrupt
@@ -63,20 +63,14 @@ class Batch:
 
 
 def validate_pairing(cfg: PairingConfig) -> None:
+    """The field ranges (:func:`ucmkd.config.check_ranges`), the names and their combinations."""
+    check_ranges(cfg, "pairing")
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown pairing.mode {cfg.mode!r}; known: {', '.join(MODES)}")
-    if cfg.label_budget is not None and cfg.label_budget < 1:
-        raise ConfigError(f"pairing.label_budget must be >= 1 or null, got {cfg.label_budget}")
-    if cfg.mismatch_ratio is not None and not 0.0 < cfg.mismatch_ratio < 1.0:
-        raise ConfigError(f"pairing.mismatch_ratio must be in (0, 1), got {cfg.mismatch_ratio}")
-    if cfg.imbalance_rho is not None and cfg.imbalance_rho < 1.0:
-        raise ConfigError(f"pairing.imbalance_rho must be >= 1, got {cfg.imbalance_rho}")
     if cfg.imbalance_side not in SIDES:
         raise ConfigError(f"pairing.imbalance_side must be one of {SIDES}, got {cfg.imbalance_side!r}")
     if cfg.shift_side not in SIDES + ("both",):
         raise ConfigError(f"pairing.shift_side must be teacher, student or both, got {cfg.shift_side!r}")
-    if not 0.0 <= cfg.shift_level <= 1.0:
-        raise ConfigError(f"pairing.shift_level must be in [0, 1], got {cfg.shift_level}")
     if cfg.mode == "paired" and cfg.mismatch_ratio is not None:
         raise ConfigError("pairing.mode 'paired' cannot be combined with pairing.mismatch_ratio "
                           "(disjoint pools have no true pairs)")
@@ -169,9 +163,19 @@ class PairingSampler:
         return np.sort(np.concatenate(s_keep)), np.sort(np.concatenate(t_keep))
 
     def _budget(self, pool, k, rng):
+        """(labelled: k items per class, unlabelled: the rest of ``pool``); a class with fewer
+        than k items cannot honour the budget: a ConfigError names it."""
         if k is None:
             return pool, pool[:0]
         y = self.student.y.numpy()
+        counts = np.bincount(y[pool], minlength=self.num_classes)
+        short = [c for c in range(self.num_classes) if 0 < counts[c] < k]
+        if short:
+            c = min(short, key=lambda c: counts[c])
+            after = " (after pairing.mismatch_ratio)" if self.cfg.mismatch_ratio is not None else ""
+            raise ConfigError(f"pairing.label_budget={k} is more than the {counts[c]} training items of class "
+                              f"{self.student.classes[c]!r} in {self.student.name!r}{after}; give at most "
+                              f"{int(counts[short].min())} per class, or null to label every training item")
         lab = []
         for c in range(self.num_classes):
             members = rng.permutation(pool[y[pool] == c])

@@ -35,7 +35,6 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
 import weakref
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import atomic_path, get_or_build
 from ..config import DataConfig, SpokenDigitsConfig, config_hash
 from ..errors import DataError
 from .base import RawModality, cache_dir, register_dataset
@@ -498,9 +498,7 @@ def ensure_wavs(cfg: SpokenDigitsConfig, cache: Path, engine: ESpeakNG | None = 
             raise DataError(f"{manifest}: missing spoken-digits manifest; delete {root} to regenerate it")
         return root, _read_manifest(manifest, cfg), 0.0
     t0 = time.perf_counter()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(root) as tmp:     # a concurrent writer that completes first wins
         eng = engine or get_engine()
         entries = synthesize_clips(cfg, tmp / "wav", eng)
         seconds = time.perf_counter() - t0
@@ -508,13 +506,6 @@ def ensure_wavs(cfg: SpokenDigitsConfig, cache: Path, engine: ESpeakNG | None = 
              "espeak_ng_version": eng.version, "classes": DIGIT_CLASSES, "synthesis_seconds": seconds,
              "clips": entries}
         (tmp / "manifest.json").write_text(json.dumps(m, indent=1))
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not manifest.is_file():  # not a concurrent writer that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root, _read_manifest(manifest, cfg), seconds
 
 
@@ -619,25 +610,24 @@ def load_spoken_digits(cfg: SpokenDigitsConfig, cache: Path, engine: ESpeakNG | 
     spec_path = root / f"logmel_{spectrogram_hash(cfg)}.npz"
     want = (len(clips), 1, cfg.n_mels, num_frames(cfg))
     spec_s = 0.0
-    if spec_path.exists():
-        try:
-            with np.load(spec_path, allow_pickle=False) as d:
-                x, y_file = d["x"], d["y"]
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{spec_path}: corrupt log-mel cache ({e}); delete the file to recompute it") from None
+
+    def read(p):
+        with np.load(p, allow_pickle=False) as d:
+            x, y_file = d["x"], d["y"]
         if x.shape != want or x.dtype != np.float32 or not np.array_equal(y_file, y):
-            raise DataError(f"{spec_path}: expected log-mel float32 {list(want)} matching the manifest, got "
+            raise DataError(f"{p}: expected log-mel float32 {list(want)} matching the manifest, got "
                             f"{x.dtype} {list(x.shape)}; delete the file to recompute it")
-    else:
+        return x
+
+    def compute():
+        nonlocal spec_s
         t0 = time.perf_counter()
         x = compute_logmel(cfg, root, manifest)
-        tmp = spec_path.with_name(f".{spec_path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
-        try:
-            np.savez(tmp, x=x, y=y, speaker=speaker)
-            os.replace(tmp, spec_path)
-        finally:
-            tmp.unlink(missing_ok=True)
         spec_s = time.perf_counter() - t0
+        return x
+
+    x = get_or_build(spec_path, compute, lambda x, tmp: np.savez(tmp, x=x, y=y, speaker=speaker), read,
+                     "log-mel cache")
     return SpokenDigits(x=x, y=y, speaker=speaker, root=root, spec_path=spec_path, manifest=manifest,
                         seconds={"synthesis": synth_s, "spectrograms": spec_s})
 

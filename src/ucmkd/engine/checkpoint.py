@@ -1,23 +1,19 @@
 """Atomic, full-state checkpoints."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..cache import save_torch
 from ..errors import DataError
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write ``state`` to ``path`` atomically (:func:`ucmkd.cache.save_torch`)."""
+    save_torch(state, path)
 
 
 def load_checkpoint(path: str | Path) -> dict:

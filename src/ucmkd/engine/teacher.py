@@ -1,35 +1,42 @@
 """Teacher training: cross-entropy on the teacher modality, checkpointed and reused.
 
-Teachers are cached under ``<cache>/teachers/<dataset>-<key>/`` where the key hashes
-everything that makes two teachers differ: the dataset and its generation/split settings,
-the teacher architecture, the training schedule and the teacher seed.
+Teachers are cached under ``<cache>/teachers/<dataset>-<key>/`` (:func:`ucmkd.cache.entry`):
+the key hashes everything that makes two teachers differ: the dataset's content fingerprint
+(:attr:`ModalityData.fingerprint`: a changed dataset under the same name gets a new teacher)
+and split settings, the teacher architecture, the training schedule and the teacher seed.
+``teacher.pt`` is written last and atomically; ``run/`` holds the teacher's own resumable
+training run.
 """
 from __future__ import annotations
 
-import json
+import shutil
 import time
 from dataclasses import asdict
 
+import torch
 
+from ..cache import entry, get_or_build, write_json
 from ..config import PairingConfig, RunConfig, config_hash
 from ..data.base import ModalityData, cache_dir
 from ..data.pairing import PairingSampler
 from ..errors import DataError
 from ..models import Classifier, build_classifier
-from .checkpoint import load_checkpoint, save_checkpoint, seed_everything
+from .checkpoint import load_checkpoint, seed_everything
 from .trainer import Trainer, evaluate
+
+TEACHER_KEY_VERSION = 2    # 2: the dataset's content fingerprint
 
 
 def teacher_key(cfg: RunConfig, data: ModalityData) -> dict:
     """Everything that makes teachers differ (hashed into the cache path)."""
     d = cfg.data
     dataset = {"name": data.name, "split_seed": d.split_seed, "test_frac": d.test_frac, "val_frac": d.val_frac,
-               **data.meta.get("fingerprint", {})}
+               "fingerprint": data.fingerprint}
     m = cfg.model
     return {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
             "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
             **({"backbone_args": m.teacher_backbone_args} if m.teacher_backbone_args else {}),
-            "train": asdict(cfg.teacher), "version": 1}
+            "train": asdict(cfg.teacher), "version": TEACHER_KEY_VERSION}
 
 
 def build_teacher_model(cfg: RunConfig, data: ModalityData) -> Classifier:
@@ -40,8 +47,7 @@ def build_teacher_model(cfg: RunConfig, data: ModalityData) -> Classifier:
 
 
 def teacher_dir(cfg: RunConfig, data: ModalityData):
-    safe = data.name.replace("/", "-").replace(":", "-").replace("\\", "-")[-60:]
-    return cache_dir(cfg.data) / "teachers" / f"{safe}-{config_hash(teacher_key(cfg, data))}"
+    return entry(cache_dir(cfg.data), "teachers", data.name, teacher_key(cfg, data))
 
 
 def load_teacher(path, cfg: RunConfig, data: ModalityData) -> tuple[Classifier, dict]:
@@ -60,36 +66,45 @@ def load_teacher(path, cfg: RunConfig, data: ModalityData) -> tuple[Classifier, 
 
 def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
                 retrain: bool = False) -> tuple[Classifier, dict]:
-    """Return (frozen teacher, info) for ``data``, training and caching it if needed.
+    """Return (frozen teacher, info) for ``data``, training and caching it if needed
+    (``retrain``: train again from scratch; the cached teacher is replaced once the new one is
+    complete).
 
     info: ``{"val_acc", "test_acc", "best_epoch", "seconds", "path", "key"}``.
     """
     tdir = teacher_dir(cfg, data)
     path = tdir / "teacher.pt"
-    if path.is_file() and not retrain:
-        return load_teacher(path, cfg, data)
-    t = cfg.teacher
-    seed_everything(t.seed)
-    model = build_teacher_model(cfg, data)
-    from ..methods import build_distiller
 
-    distiller = build_distiller("ce", model, None)
-    sampler = PairingSampler(data, None, PairingConfig(label_budget=None), t.batch_size, t.steps_per_epoch,
-                             seed=t.seed)
-    key = teacher_key(cfg, data)
-    trainer = Trainer(distiller, sampler, data, t, run_dir=tdir / "run", config_hash=config_hash(key),
-                      device=cfg.device, progress=progress, desc=f"teacher {data.name}")
-    t0 = time.time()
-    res = trainer.fit()
-    best = load_checkpoint(tdir / "run" / "best.pt")
-    distiller.load_trainable_state_dict(best["model"])
-    model.cpu().eval().requires_grad_(False)
-    val_acc, _ = evaluate(model, *data.split("val"))
-    test_acc, _ = evaluate(model, *data.split("test"))
-    info = {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
-            "seconds": time.time() - t0, "path": str(path), "key": key}
-    save_checkpoint({"model": model.state_dict(), "info": info}, path)
-    (tdir / "info.json").write_text(json.dumps(info, indent=2))
+    def train() -> tuple[Classifier, dict]:
+        if retrain:
+            shutil.rmtree(tdir / "run", ignore_errors=True)     # else the finished run would resume
+        t = cfg.teacher
+        seed_everything(t.seed)
+        model = build_teacher_model(cfg, data)
+        from ..methods import build_distiller
+
+        distiller = build_distiller("ce", model, None)
+        sampler = PairingSampler(data, None, PairingConfig(label_budget=None), t.batch_size, t.steps_per_epoch,
+                                 seed=t.seed)
+        key = teacher_key(cfg, data)
+        trainer = Trainer(distiller, sampler, data, t, run_dir=tdir / "run", config_hash=config_hash(key),
+                          device=cfg.device, progress=progress, desc=f"teacher {data.name}")
+        t0 = time.time()
+        res = trainer.fit()
+        trainer.restore_best()
+        model.cpu().eval().requires_grad_(False)
+        val_acc, _ = evaluate(model, *data.split("val"))
+        test_acc, _ = evaluate(model, *data.split("test"))
+        return model, {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
+                       "seconds": time.time() - t0, "path": str(path), "key": key}
+
+    def save(value, tmp) -> None:
+        torch.save({"model": value[0].state_dict(), "info": value[1]}, tmp)
+
+    model, info = get_or_build(path, train, save, lambda p: load_teacher(p, cfg, data), "teacher checkpoint",
+                               rebuild=retrain)
+    if not (tdir / "info.json").is_file() or retrain:
+        write_json(tdir / "info.json", info)
     return model, info
 
 

@@ -2,13 +2,19 @@
 
 AdamW with linear warm-up then cosine decay (per step), gradient-norm clipping, validation
 every epoch, test accuracy recorded at the best validation epoch (never used to select),
-``latest.pt``/``best.pt`` full-state checkpoints with exact resume, metrics as JSONL + CSV.
+full-state checkpoints with exact resume, metrics as JSONL + CSV.
 
-Validation-gated fallback: a method whose ``fallback_model()`` returns a model (a plain-CE
-shadow of the student trained on the same labelled batches) has that model validated every
-epoch too; if its best validation accuracy beats the distilled student's, the run falls back
-to it (its weights are loaded into the student), so distillation that hurts is detected on
-validation and undone. Both candidates' numbers are recorded.
+Candidates: every model the distiller lists in ``candidates()`` (the student first, then e.g. a
+plain-CE shadow) is validated after every epoch; the trainer keeps each one's best-validation
+record and weights, and at the end returns the one the distiller's ``select_candidate``
+chooses (its weights are loaded into the student). Every candidate's numbers are recorded.
+
+One commit point per epoch: ``latest.pt`` holds everything the run needs to continue (model,
+optimiser, epoch, RNG, history, every candidate's best record AND best weights) and is written
+atomically, once per epoch. ``metrics.jsonl``, ``metrics.csv``, ``best.pt`` (the student's best
+trainable state) and ``best_<candidate>.pt`` are exports derived from it, written after it and
+rewritten from it on resume; nothing is ever read back from them. So a process killed at any
+moment resumes exactly where the last commit left it.
 """
 from __future__ import annotations
 
@@ -24,11 +30,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..cache import atomic_path, clean_tmp, write_text
 from ..config import OptimConfig
 from ..data.base import ModalityData
 from ..data.pairing import PairingSampler
 from ..errors import DataError, NumericalError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+CHECKPOINT_FORMAT = 2     # latest.pt holds every candidate's best record and weights
 from .strategies import STRATEGIES
 
 
@@ -67,12 +76,17 @@ class FitResult:
     epochs: int
     seconds: float
     history: list = field(default_factory=list)
-    selected: str = "student"   # "student" or "fallback" (the validation-gated choice)
-    candidates: dict = field(default_factory=dict)   # name -> {epoch, val_acc, val_loss, test_acc}
+    selected: str = "student"   # the candidate the distiller chose (``select_candidate``)
+    candidates: dict = field(default_factory=dict)   # name -> best {epoch, val_acc, val_loss, test_acc}
 
 
-def _clone_state(state: dict) -> dict:
-    return {k: {n: t.detach().clone() for n, t in v.items()} for k, v in state.items()}
+def _clone(state: dict) -> dict:
+    """A detached copy of a (nested) state dict."""
+    return {k: _clone(v) if isinstance(v, dict) else v.detach().clone() for k, v in state.items()}
+
+
+def _blank() -> dict:
+    return {"epoch": -1, "val_acc": -1.0, "val_loss": float("inf"), "test_acc": float("nan")}
 
 
 class Trainer:
@@ -101,37 +115,42 @@ class Trainer:
         self.warmup_steps = optim.warmup_epochs * len(sampler)
         self.step_count = 0
         self.epoch = 0                 # epochs completed
-        self.best = {"epoch": -1, "val_acc": -1.0, "val_loss": float("inf"), "test_acc": float("nan")}
         self.history: list = []
-        self.best_state: Optional[dict] = None
-        self.fallback = distiller.fallback_model()
-        self.best_fb = dict(self.best)
-        self.best_fb_state: Optional[dict] = None
+        self.best: dict[str, dict] = {}          # candidate -> best-validation record
+        self.best_states: dict[str, dict] = {}   # candidate -> its weights at that record
         self._eval = {s: data.split(s) for s in ("val", "test")}
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
-        return {"model": self.distiller.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
-                "epoch": self.epoch, "step": self.step_count, "best": dict(self.best),
-                "best_fallback": dict(self.best_fb), "history": list(self.history),
-                "config_hash": self.config_hash, "rng": rng_state()}
+        """Everything a resumed run needs (the content of ``latest.pt``)."""
+        return {"format": CHECKPOINT_FORMAT, "model": self.distiller.trainable_state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step_count,
+                "best": {k: dict(v) for k, v in self.best.items()}, "best_states": self.best_states,
+                "history": list(self.history), "config_hash": self.config_hash, "rng": rng_state()}
 
     def load_state(self, st: dict, source: str = "checkpoint") -> None:
         if self.config_hash and st.get("config_hash") != self.config_hash:
             raise DataError(f"{source}: written by a different config ({st.get('config_hash')} != "
                             f"{self.config_hash}); use a fresh run directory")
+        if st.get("format") != CHECKPOINT_FORMAT:
+            raise DataError(f"{source}: checkpoint format {st.get('format', 1)} (an older ucmkd); this "
+                            f"version writes format {CHECKPOINT_FORMAT}: use a fresh run directory")
         self.distiller.load_trainable_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.epoch, self.step_count = st["epoch"], st["step"]
-        self.best, self.history = dict(st["best"]), list(st["history"])
-        self.best_fb = dict(st.get("best_fallback", self.best_fb))
+        self.best = {k: dict(v) for k, v in st["best"].items()}
+        self.best_states = st["best_states"]
+        self.history = list(st["history"])
         set_rng_state(st["rng"])
 
     def maybe_resume(self) -> bool:
+        """Continue from ``latest.pt`` if there is one (and rewrite the exports from it)."""
         if self.run_dir is None or not (self.run_dir / "latest.pt").is_file():
             return False
+        clean_tmp(self.run_dir)
         path = self.run_dir / "latest.pt"
         self.load_state(load_checkpoint(path), str(path))
+        self._export(list(self.best))
         return True
 
     # ------------------------------------------------------------------ loop
@@ -166,29 +185,32 @@ class Trainer:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
             self.epoch = ep + 1
-            cur, improved = self._validate(self.distiller.student, self.best)
-            row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()},
-                   "val_acc": cur["val_acc"], "val_loss": cur["val_loss"], "test_acc": cur["test_acc"]}
-            fb_improved = self._validate_fallback(row)
+            row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()}}
+            improved = []
+            for name, model in self.distiller.candidates().items():
+                cur, better = self._validate(model, self.best.get(name, _blank()))
+                prefix = "" if name == "student" else f"{name}_"
+                row.update({f"{prefix}{k}": cur[k] for k in ("val_acc", "val_loss", "test_acc")})
+                if better:
+                    self.best[name] = cur
+                    improved.append(name)
             row.update(self.distiller.calibrate(*self._eval["val"]))
             self.history.append(row)
-            if improved:
-                self.best = cur
-                self.best_state = _clone_state(self.distiller.trainable_state_dict())
-            self._persist(improved, fb_improved)
-            bar.set_postfix(val=f"{cur['val_acc']:.3f}", best=f"{self.best['val_acc']:.3f}")
+            for name in improved:   # weights after calibration (it may set the student's buffers)
+                self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
+                                                else self.distiller.candidates()[name].state_dict())
+            self._commit(improved)
+            bar.set_postfix(val=f"{row['val_acc']:.3f}", best=f"{self.best['student']['val_acc']:.3f}")
         bar.close()
         last = self.history[-1] if self.history else {"val_acc": float("nan"), "test_acc": float("nan")}
-        selected = "fallback" if self.fallback_selected() else "student"
-        chosen = self.best_fb if selected == "fallback" else self.best
-        cands = {"student": dict(self.best)}
-        if self.fallback is not None:
-            cands["fallback"] = dict(self.best_fb)
+        records = self.records()
+        selected = self.selected()
+        chosen = records[selected]
         return FitResult(best_epoch=chosen["epoch"], val_acc=chosen["val_acc"], test_acc=chosen["test_acc"],
                          last_val_acc=last["val_acc"], epochs=self.epoch,
                          last_test_acc=float("nan") if last["test_acc"] is None else last["test_acc"],
                          seconds=time.time() - t0, history=list(self.history), selected=selected,
-                         candidates=cands)
+                         candidates=records)
 
     def _validate(self, model, best: dict) -> tuple[dict, bool]:
         """Validate ``model`` after the current epoch: ({epoch, val_acc, val_loss, test_acc},
@@ -200,49 +222,52 @@ class Trainer:
                     if improved or self.epoch == self.optim.epochs else None)
         return {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}, improved
 
-    def _validate_fallback(self, row: dict) -> bool:
-        """Validate the fallback model (if any) into ``row``; keep its best state. -> improved?"""
-        if self.fallback is None:
-            return False
-        cur, improved = self._validate(self.fallback, self.best_fb)
-        row.update({f"fallback_{k}": cur[k] for k in ("val_acc", "val_loss", "test_acc")})
-        if improved:
-            self.best_fb = cur
-            self.best_fb_state = {n: t.detach().clone() for n, t in self.fallback.state_dict().items()}
-        return improved
+    def records(self) -> dict[str, dict]:
+        """Each candidate's best-validation record, the student first."""
+        names = ["student"] + [k for k in self.best if k != "student"]
+        return {k: dict(self.best.get(k, _blank())) for k in names}
 
-    def fallback_selected(self) -> bool:
-        """True when the fallback's best validation accuracy is strictly above the student's."""
-        return self.fallback is not None and self.best_fb["val_acc"] > self.best["val_acc"]
+    def selected(self) -> str:
+        """The candidate the distiller chooses from :meth:`records`."""
+        records = self.records()
+        sel = self.distiller.select_candidate(records)
+        if sel not in records:
+            raise DataError(f"method {self.distiller.name!r}: select_candidate chose {sel!r}, not one of the "
+                            f"validated candidates {sorted(records)}")
+        return sel
 
     def restore_best(self) -> None:
-        """Load the best-validation weights into the distiller (from memory or ``best.pt``)."""
-        if self.best_state is None and self.run_dir is not None and (self.run_dir / "best.pt").is_file():
-            self.best_state = load_checkpoint(self.run_dir / "best.pt")["model"]
-        if self.best_state is not None:
-            self.distiller.load_trainable_state_dict(self.best_state)
-        if self.fallback_selected():
-            if self.best_fb_state is None and self.run_dir is not None:
-                self.best_fb_state = load_checkpoint(self.run_dir / "best_fallback.pt")["model"]
-            self.distiller.student.load_state_dict(self.best_fb_state)
+        """Load the selected candidate's best-validation weights into the student: the student's
+        best trainable state, then, if another candidate is selected, that one's weights (from
+        memory, or from the committed ``latest.pt`` of a finished run)."""
+        if not self.best_states:
+            self.maybe_resume()
+        if "student" in self.best_states:
+            self.distiller.load_trainable_state_dict(self.best_states["student"])
+        sel = self.selected()
+        if sel != "student" and sel in self.best_states:
+            self.distiller.student.load_state_dict(self.best_states[sel])
 
-    def _persist(self, improved: bool, fb_improved: bool = False) -> None:
+    # ------------------------------------------------------------------ disk
+    def _commit(self, improved: list) -> None:
+        """The epoch's one commit point (``latest.pt``), then the exports derived from it."""
         if self.run_dir is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        state = self.state()
-        save_checkpoint(state, self.run_dir / "latest.pt")
-        if improved:
-            save_checkpoint({"model": state["model"], "best": state["best"], "config_hash": self.config_hash},
-                            self.run_dir / "best.pt")
-        if fb_improved:
-            save_checkpoint({"model": self.best_fb_state, "best": dict(self.best_fb), "config_hash": self.config_hash},
-                            self.run_dir / "best_fallback.pt")
-        with open(self.run_dir / "metrics.jsonl", "w") as f:
-            for row in self.history:
-                f.write(json.dumps(row) + "\n")
+        save_checkpoint(self.state(), self.run_dir / "latest.pt")
+        self._export(improved)
+
+    def _export(self, candidates: list) -> None:
+        """Rewrite the metrics files and the best-weight files of ``candidates`` (each written
+        atomically; derived from the committed state, never read back)."""
+        for name in candidates:
+            if name in self.best_states:
+                path = self.run_dir / ("best.pt" if name == "student" else f"best_{name}.pt")
+                save_checkpoint({"model": self.best_states[name], "best": dict(self.best[name]),
+                                 "config_hash": self.config_hash}, path)
+        write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in self.history))
         keys = sorted({k for row in self.history for k in row}, key=lambda k: (k != "epoch", k))
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.history)
+        with atomic_path(self.run_dir / "metrics.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(self.history)

@@ -134,20 +134,33 @@ class Distiller(nn.Module):
 
     def add_fallback(self) -> None:
         """Add ``extra["fallback"]``: a copy of the (untrained) student that the method trains
-        with plain CE on the labelled batch (its loss is the method's to add)."""
+        with plain CE on the labelled batch (its loss is the method's to add; listing it in
+        :meth:`candidates` and choosing it in :meth:`select_candidate` is the method's too)."""
         self.extra["fallback"] = copy.deepcopy(self.student)
+
+    def fallback_model(self) -> Optional[nn.Module]:
+        """``extra["fallback"]`` if the method added one (:meth:`add_fallback`), else None."""
+        return self.extra["fallback"] if "fallback" in self.extra else None
+
+    # -- hooks the trainer calls ---------------------------------------------------------
+    def candidates(self) -> dict[str, nn.Module]:
+        """Models the trainer validates after every epoch, by name. ``"student"`` (the distilled
+        student, ``self.student``) always comes first; a method may add others (e.g. a plain-CE
+        shadow), each a model of the student's architecture (its best weights are loaded into
+        the student when it is selected). A candidate may be left out of later epochs (e.g. once
+        its training stops): its best record and weights so far are kept."""
+        return {"student": self.student}
+
+    def select_candidate(self, records: dict[str, dict]) -> str:
+        """The candidate the run returns, from each candidate's best-validation record
+        ``{epoch, val_acc, val_loss, test_acc}``; default ``"student"``."""
+        return "student"
 
     def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
         """Called by the trainer after each epoch with the labelled validation split (x [N, ...],
         y [N], on the CPU: a method that uses it moves batches to its device); a method may tune
         a data-dependent setting on it (never on test). Returns metrics to log (default: none)."""
         return {}
-
-    def fallback_model(self) -> Optional[nn.Module]:
-        """A model trained alongside the student that the trainer falls back to when it
-        validates better (see :mod:`ucmkd.engine.trainer`): ``extra["fallback"]`` if the
-        method added one (:meth:`add_fallback`), else None."""
-        return self.extra["fallback"] if "fallback" in self.extra else None
 
     def trainable_state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "extra": self.extra.state_dict()}

@@ -88,6 +88,16 @@ class UCMKD(Distiller):
             self.add_fallback()
         self.uses_unlabelled = p.unlabelled
 
+    # ----------------------------------------------------------------- candidates
+    def candidates(self) -> dict:
+        fb = self.fallback_model()
+        return {**super().candidates(), **({"fallback": fb} if fb is not None else {})}
+
+    def select_candidate(self, records: dict) -> str:
+        """The CE shadow when its best validation accuracy is strictly above the student's."""
+        fb = records.get("fallback")
+        return "fallback" if fb is not None and fb["val_acc"] > records["student"]["val_acc"] else "student"
+
     # ----------------------------------------------------------------- validation calibration
     @torch.no_grad()
     def _pseudo_probs(self, logits_u, zpu, update: bool = True):
