@@ -86,6 +86,10 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
     seed_everything(cfg.seed)
     model = student_model if student_model is not None else build_student(cfg, student)
     distiller = method_cls(model, teacher, params)
+    if teacher is not None:
+        from .engine.teacher_outputs import TeacherOutputs
+
+        distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, cfg.device))
     sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
                              cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
                              unlabelled=distiller.uses_unlabelled,

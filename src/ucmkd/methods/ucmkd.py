@@ -69,6 +69,7 @@ class UCMKD(Distiller):
         momentum: float = 0.99      # teacher class-mean EMA (per item)
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
+        calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
@@ -79,6 +80,8 @@ class UCMKD(Distiller):
                 raise ConfigError(f"method 'ucmkd': {k} must be >= 0, got {getattr(p, k)}")
         if not p.temperature > 0:
             raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
+        if p.calib_items < 1:
+            raise ConfigError(f"method 'ucmkd': calib_items must be >= 1, got {p.calib_items}")
         if p.kd_target not in ("item", "mean"):
             raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
         self.fa = make_fa(p)
@@ -103,10 +106,14 @@ class UCMKD(Distiller):
     def calibrate(self, x_val, y_val) -> dict:
         """Set the pseudo-label threshold to the lowest grid value whose confident validation
         predictions reach ``precision`` (with at least 5 % of items confident); none: the
-        unlabelled terms pause for the next epoch (threshold > 1)."""
+        unlabelled terms pause for the next epoch (threshold > 1). Looks at a fixed sample of at
+        most ``calib_items`` validation items, so its cost does not grow with the data."""
         p = self.params
         if not (p.unlabelled and p.precision > 0):
             return {}
+        if len(x_val) > p.calib_items:
+            keep = torch.randperm(len(x_val), generator=torch.Generator().manual_seed(len(x_val)))[:p.calib_items]
+            x_val, y_val = x_val[keep], y_val[keep]
         was = self.student.training
         self.student.eval()
         device = next(self.student.parameters()).device
@@ -162,7 +169,7 @@ class UCMKD(Distiller):
         p = self.params
         if batch.yt is None:
             raise DataError("method 'ucmkd' needs the teacher items' labels (batch.yt is None)")
-        zt, t_logits = self.teacher_forward(batch.xt)
+        zt, t_logits = self.teacher_forward(batch)
         self.extra["protos"].update(zt, t_logits, batch.yt)
         use_u = p.unlabelled and batch.xu is not None
         if use_u:
