@@ -70,6 +70,7 @@ class UCMKD(Distiller):
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
         calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
+        u_forward: str = "joint"    # joint: one forward over labelled + unlabelled items | separate: two
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
@@ -82,6 +83,8 @@ class UCMKD(Distiller):
             raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
         if p.calib_items < 1:
             raise ConfigError(f"method 'ucmkd': calib_items must be >= 1, got {p.calib_items}")
+        if p.u_forward not in ("joint", "separate"):
+            raise ConfigError(f"method 'ucmkd': u_forward must be 'joint' or 'separate', got {p.u_forward!r}")
         if p.kd_target not in ("item", "mean"):
             raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
         self.fa = make_fa(p)
@@ -171,11 +174,19 @@ class UCMKD(Distiller):
             raise DataError("method 'ucmkd' needs the teacher items' labels (batch.yt is None)")
         zt, t_logits = self.teacher_forward(batch)
         self.extra["protos"].update(zt, t_logits, batch.yt)
-        use_u = p.unlabelled and batch.xu is not None
-        if use_u:
+        tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
+        # while the calibration pauses the unlabelled terms (tau >= 1: no threshold reaches the
+        # wanted precision yet) the unlabelled items are not forwarded at all: they would only
+        # shift the batch-norm statistics of the labelled forward (and cost a forward)
+        use_u = p.unlabelled and batch.xu is not None and not (p.precision > 0 and tau >= 1.0)
+        if batch.xu is not None:
+            self.student.check_input(batch.xu)   # a mis-shaped pool is named even while paused
+        if use_u and p.u_forward == "joint":
             z, logits, zu, logits_u = split_forward(self.student, batch.xs, batch.xu)
         else:
             z, logits = self.student(batch.xs, return_features=True)
+            if use_u:
+                zu, logits_u = self.student(batch.xu, return_features=True)
         w = ramp(self.progress, p.warmup)
         zp = self.project(z)
         losses = {"ce": F.cross_entropy(logits, batch.ys)}
@@ -188,10 +199,7 @@ class UCMKD(Distiller):
         if use_u:
             zpu = self.project(zu)
             probs = self._pseudo_probs(logits_u, zpu)
-            tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
             yhat, mask = confident_targets(probs, min(tau, 1.0))
-            if tau > 1.0:
-                mask = torch.zeros_like(mask)
             wu = w * p.w_u
             losses["pl"] = wu * masked_ce(logits_u, yhat, mask)
             if mask.any():
@@ -200,6 +208,8 @@ class UCMKD(Distiller):
                 for k, v in self._teacher_terms(logits_u[mask], zpu[mask], yhat[mask], target_u, frac).items():
                     losses[f"{k}_u"] = wu * v
             metrics["pl_mask"] = float(mask.float().mean())
+        elif p.unlabelled:
+            metrics["pl_mask"] = 0.0
         fb = self.fallback_model()
         if fb is not None:
             losses["ce_fallback"] = F.cross_entropy(fb(batch.xs), batch.ys)
