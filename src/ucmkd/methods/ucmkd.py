@@ -70,7 +70,7 @@ class UCMKD(Distiller):
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
         calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
-        u_forward: str = "joint"    # joint: one forward over labelled + unlabelled items | separate: two
+        u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
