@@ -203,7 +203,8 @@ def test_calibration_picks_the_lowest_threshold_with_the_wanted_precision():
     assert d.calibrate(x, (pred + 1) % 3)["pl_threshold"] == 2.0
     _, _, batch = tiny(8)
     out = d(batch)
-    assert out.metrics["pl_mask"] == 0.0 and float(out.losses["pl"].detach()) == 0.0
+    # paused: the unlabelled items are not even forwarded (no pl term; BN sees the labelled batch only)
+    assert out.metrics["pl_mask"] == 0.0 and "pl" not in out.losses
 
 
 def test_ucmkd_without_an_unlabelled_pool(synth_pair):

@@ -191,6 +191,10 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     model = student_model if student_model is not None else build_student(cfg, student)
     check_model(model, student, "student")
     distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
+    if method_cls.uses_teacher:
+        from .engine.teacher_outputs import TeacherOutputs
+
+        distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, cfg.device))
     sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
                              cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
                              unlabelled=distiller.uses_unlabelled,

@@ -95,7 +95,7 @@ class BilevelStrategy(Strategy):
             return z if proj is None else functional_call(proj, proj_params, (z,))
 
         inner = torch.optim.AdamW(list(theta.values()), lr=p.inner_lr, weight_decay=p.inner_wd)
-        zt, _ = d.teacher_forward(batch.xt)
+        zt, _ = d.teacher_forward(batch)
         d.student.check_input(batch.xs)
         logs = {}
         for _ in range(p.n1):

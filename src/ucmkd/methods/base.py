@@ -90,6 +90,7 @@ class Distiller(nn.Module):
         self.params = params if params is not None else self.Params()
         self.progress = 0.0   # fraction of training done, in [0, 1); set by the trainer each epoch
         self.extra = nn.ModuleDict()
+        self.teacher_outputs = None   # see use_teacher_outputs
         if self.projects_features and teacher is not None and student.feat_dim != teacher.feat_dim:
             self.extra["projector"] = make_projector(student.feat_dim, teacher.feat_dim)
 
@@ -102,15 +103,27 @@ class Distiller(nn.Module):
         """Student features [B, d_s] -> teacher feature space [B, d_t]."""
         return self.extra["projector"](z) if "projector" in self.extra else z
 
+    def use_teacher_outputs(self, outputs) -> None:
+        """Serve the frozen teacher's outputs from ``outputs`` (a
+        :class:`~ucmkd.engine.teacher_outputs.TeacherOutputs` of the teacher modality the
+        sampler draws from) for batches that carry teacher item indices (``batch.it``)."""
+        self.teacher_outputs = outputs
+
     @torch.no_grad()
-    def teacher_forward(self, xt: torch.Tensor, match: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher features [B', d_t] and logits [B', K] (no gradient). With ``match`` = B, the
-        method uses the teacher items item for item, so B' must equal B."""
+    def teacher_forward(self, batch: Batch, match: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher features [B', d_t] and logits [B', K] of ``batch.xt`` (no gradient). They come
+        from the precomputed table when one is attached and the batch carries the items' indices
+        (unchanged teacher items), else from a live forward (augmented or shifted teacher items).
+        With ``match`` = B, the method uses the teacher items item for item, so B' must equal B."""
+        xt = batch.xt
         if xt is None:
             raise ConfigError(f"method {self.name!r} needs a teacher batch; the sampler gave none")
         if match is not None and xt.shape[0] != match:
             raise DataError(f"{self.name}: teacher batch of {xt.shape[0]} items must match the student "
                             f"batch of {match} item for item")
+        if self.teacher_outputs is not None and batch.it is not None:
+            self.teacher.check_input(xt)
+            return self.teacher_outputs.get(batch.it)
         return self.teacher(xt, return_features=True)
 
     def train(self, mode: bool = True):

@@ -39,7 +39,7 @@ class FAOnly(Distiller):
 
     def feature_terms(self, batch):
         """(student logits [B, K], projected student features [B, d_t], {"ce", "fa"} losses)."""
-        zt, _ = self.teacher_forward(batch.xt)
+        zt, _ = self.teacher_forward(batch)
         z, logits = self.student(batch.xs, return_features=True)
         zp = self.project(z)
         return logits, zp, {"ce": F.cross_entropy(logits, batch.ys), "fa": self.params.w_fa * self.fa(zp, zt)}

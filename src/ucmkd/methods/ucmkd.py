@@ -69,6 +69,8 @@ class UCMKD(Distiller):
         momentum: float = 0.99      # teacher class-mean EMA (per item)
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
+        calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
+        u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
@@ -79,6 +81,10 @@ class UCMKD(Distiller):
                 raise ConfigError(f"method 'ucmkd': {k} must be >= 0, got {getattr(p, k)}")
         if not p.temperature > 0:
             raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
+        if p.calib_items < 1:
+            raise ConfigError(f"method 'ucmkd': calib_items must be >= 1, got {p.calib_items}")
+        if p.u_forward not in ("joint", "separate"):
+            raise ConfigError(f"method 'ucmkd': u_forward must be 'joint' or 'separate', got {p.u_forward!r}")
         if p.kd_target not in ("item", "mean"):
             raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
         self.fa = make_fa(p)
@@ -113,10 +119,14 @@ class UCMKD(Distiller):
     def calibrate(self, x_val, y_val) -> dict:
         """Set the pseudo-label threshold to the lowest grid value whose confident validation
         predictions reach ``precision`` (with at least 5 % of items confident); none: the
-        unlabelled terms pause for the next epoch (threshold > 1)."""
+        unlabelled terms pause for the next epoch (threshold > 1). Looks at a fixed sample of at
+        most ``calib_items`` validation items, so its cost does not grow with the data."""
         p = self.params
         if not (p.unlabelled and p.precision > 0):
             return {}
+        if len(x_val) > p.calib_items:
+            keep = torch.randperm(len(x_val), generator=torch.Generator().manual_seed(len(x_val)))[:p.calib_items]
+            x_val, y_val = x_val[keep], y_val[keep]
         was = self.student.training
         self.student.eval()
         device = next(self.student.parameters()).device
@@ -172,13 +182,21 @@ class UCMKD(Distiller):
         p = self.params
         if batch.yt is None:
             raise DataError("method 'ucmkd' needs the teacher items' labels (batch.yt is None)")
-        zt, t_logits = self.teacher_forward(batch.xt)
+        zt, t_logits = self.teacher_forward(batch)
         self.extra["protos"].update(zt, t_logits, batch.yt)
-        use_u = p.unlabelled and batch.xu is not None
-        if use_u:
+        tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
+        # while the calibration pauses the unlabelled terms (tau >= 1: no threshold reaches the
+        # wanted precision yet) the unlabelled items are not forwarded at all: they would only
+        # shift the batch-norm statistics of the labelled forward (and cost a forward)
+        use_u = p.unlabelled and batch.xu is not None and not (p.precision > 0 and tau >= 1.0)
+        if batch.xu is not None:
+            self.student.check_input(batch.xu)   # a mis-shaped pool is named even while paused
+        if use_u and p.u_forward == "joint":
             z, logits, zu, logits_u = split_forward(self.student, batch.xs, batch.xu)
         else:
             z, logits = self.student(batch.xs, return_features=True)
+            if use_u:
+                zu, logits_u = self.student(batch.xu, return_features=True)
         w = ramp(self.progress, p.warmup)
         zp = self.project(z)
         losses = {"ce": F.cross_entropy(logits, batch.ys)}
@@ -191,10 +209,7 @@ class UCMKD(Distiller):
         if use_u:
             zpu = self.project(zu)
             probs = self._pseudo_probs(logits_u, zpu)
-            tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
             yhat, mask = confident_targets(probs, min(tau, 1.0))
-            if tau > 1.0:
-                mask = torch.zeros_like(mask)
             wu = w * p.w_u
             losses["pl"] = wu * masked_ce(logits_u, yhat, mask)
             if mask.any():
@@ -203,6 +218,8 @@ class UCMKD(Distiller):
                 for k, v in self._teacher_terms(logits_u[mask], zpu[mask], yhat[mask], target_u, frac).items():
                     losses[f"{k}_u"] = wu * v
             metrics["pl_mask"] = float(mask.float().mean())
+        elif p.unlabelled:
+            metrics["pl_mask"] = 0.0
         fb = self.fallback_model()
         if fb is not None:
             losses["ce_fallback"] = F.cross_entropy(fb(batch.xs), batch.ys)
