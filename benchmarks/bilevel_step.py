@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ucmkd.data.pairing import Batch
-from ucmkd.engine.strategies import BilevelStrategy
+from ucmkd.engine.strategies import BilevelStrategy, FunctionalAdamW, InnerAdamW
 from ucmkd.methods import build_distiller
 from ucmkd.models import build_classifier
 
@@ -76,7 +76,41 @@ def main(argv=None) -> int:
     print(f"| {a.old_rev}: clones + fresh torch.optim.AdamW per batch | {1e3 * med['old']:.2f} |")
     print(f"| this tree: functional AdamW, hooks | {1e3 * med['new']:.2f} |")
     print(f"new / old = {med['new'] / med['old']:.3f}")
+    print()
+    print(optimiser_only(student, a.repeats))
     return 0
+
+
+def optimiser_only(student, repeats: int, inner_steps: int = 2) -> str:
+    """The inner optimiser alone on the student's parameter shapes: a fresh torch.optim.AdamW
+    on clones plus ``inner_steps`` steps, against FunctionalAdamW's ``inner_steps`` steps."""
+    params = {n: q.detach().clone() for n, q in student.named_parameters()}
+    grads = {n: torch.randn_like(q) for n, q in params.items()}
+
+    def torch_adamw():
+        qs = [q.clone().requires_grad_(True) for q in params.values()]
+        opt = torch.optim.AdamW(qs, lr=5e-5, weight_decay=0.05)
+        for _ in range(inner_steps):
+            for q, g in zip(qs, grads.values()):
+                q.grad = g
+            opt.step()
+
+    def functional():
+        f, qs = FunctionalAdamW(InnerAdamW(5e-5, 0.05)), dict(params)
+        for _ in range(inner_steps):
+            qs = f.step(qs, grads)
+
+    times = {"torch": [], "functional": []}
+    for _ in range(repeats):
+        for name, fn in (("torch", torch_adamw), ("functional", functional)):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            times[name].append((time.perf_counter() - t0) / 20)
+    t, f = statistics.median(times["torch"]), statistics.median(times["functional"])
+    return (f"inner optimiser alone ({len(params)} tensors, {sum(q.numel() for q in params.values())} weights, "
+            f"{inner_steps} steps): fresh torch.optim.AdamW {1e3 * t:.2f} ms, FunctionalAdamW {1e3 * f:.2f} ms "
+            f"(ratio {f / t:.2f})")
 
 
 if __name__ == "__main__":

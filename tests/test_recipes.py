@@ -157,3 +157,13 @@ def test_the_pinned_step_detects_a_wrong_setting(name, method, wrong):
     """Each of these would fail the float64 bound above (the inner lr only moves the outer
     gradient's point by ~inner_lr, so it shows at ~1e-5, the others at 0.5 and more)."""
     assert ref.pinned_step(name, method, torch.float64, "fp32", [wrong]) > 1e4 * 1e3 * F64_EPS
+
+
+def test_default_schedule_is_the_per_step_warmup_cosine_of_before():
+    """schedule_unit step + lr_decay cosine (the defaults) is warmup_cosine over steps, exactly."""
+    from ucmkd.config import OptimConfig
+    from ucmkd.engine import warmup_cosine
+
+    o = OptimConfig(epochs=6, warmup_epochs=2, lr=3e-3, min_lr=1e-6)
+    spe = 5
+    assert [scheduled_lr(o, s, spe) for s in range(30)] == [warmup_cosine(s, 30, 10, 3e-3, 1e-6) for s in range(30)]

@@ -207,6 +207,7 @@ class BilevelStrategy(Strategy):
                               f"{', '.join(missing)} (ucmkd.engine.strategies.BilevelHooks)")
         super().__init__(distiller, optimizer, clip_norm, precision)
         self._call = _HookCall(distiller)
+        self._names = None
 
     def _run(self, theta: dict, hook: str, *args):
         with self.precision.autocast():
@@ -230,11 +231,22 @@ class BilevelStrategy(Strategy):
         scaler.update(scale / 2)
         return None
 
+    def _layout(self) -> tuple:
+        """(name -> real parameter, inner names, outer names, persistent names), read from the
+        distiller's hooks once: the module structure does not change during training."""
+        if self._names is None:
+            d = self.distiller
+            real = dict(d.named_parameters())
+            trainable = {id(q) for q in d.trainable_parameters()}
+            self._names = (real, list(d.bilevel_parameters()), [n for n, q in real.items() if id(q) in trainable],
+                           list(d.bilevel_persistent()))
+        return self._names
+
     def step(self, batch) -> dict:
         d = self.distiller
         where = f"method {d.name!r}"
-        real = dict(d.named_parameters())
-        theta = {n: real[n].detach().requires_grad_(True) for n in d.bilevel_parameters()}
+        real, inner_names, outer_names, persistent = self._layout()
+        theta = {n: real[n].detach().requires_grad_(True) for n in inner_names}
         inner = FunctionalAdamW(d.bilevel_optimizer())
         cache, logs = {}, {}
         for stage, n_steps in d.bilevel_stages():
@@ -249,12 +261,10 @@ class BilevelStrategy(Strategy):
         loss, extra = self._run(theta, "bilevel_outer_loss", batch, cache)
         _check_finite({**extra, "outer_loss": loss}, f"{where} outer step")
         logs.update(extra)
-        trainable = {id(q) for q in d.trainable_parameters()}
-        names = [n for n, q in real.items() if id(q) in trainable]
-        grads = self._grads(loss, [theta[n] if n in theta else real[n] for n in names], unscale=False)
-        skipped = self._apply_gradients([real[n] for n in names], grads, where)
+        grads = self._grads(loss, [theta[n] if n in theta else real[n] for n in outer_names], unscale=False)
+        skipped = self._apply_gradients([real[n] for n in outer_names], grads, where)
         with torch.no_grad():
-            for n in d.bilevel_persistent():
+            for n in persistent:
                 real[n].copy_(theta[n])
         return {**_floats(logs), **skipped}
 
