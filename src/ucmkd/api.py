@@ -7,6 +7,11 @@
 One place builds a run: :func:`prepare` turns a config (plus any data, teacher or student model
 the user brings) into a :class:`RunContext`, validating everything before anything trains;
 :func:`run` (and the grid behind ``ucmkd run``/``ucmkd bench``) train from it.
+
+Launched by ``torchrun`` (``torchrun --nproc_per_node=N -m ucmkd train ...``, or a script of
+yours calling :func:`run`), every process joins the data-parallel job (docs/scaling.md):
+``optim.batch_size`` is the global batch, rank 0 builds the caches (data, teacher) while the
+others wait, and only rank 0 writes the run directory.
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ import torch
 from .cache import clean_tmp, content_key, model_signature, read_json, signature_diff, state_digest, write_json
 from .config import RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
-from .engine import Trainer, evaluate, get_teacher, seed_everything
-from .errors import ConfigError, DataError
+from .engine import Trainer, distributed, evaluate, get_teacher, seed_everything
+from .errors import ConfigError, DataError, UcmkdError
 from .methods import METHODS
 from .models import Classifier, build_classifier
 
@@ -119,6 +124,7 @@ class RunContext:
     hash of ``key_parts``: the config (device and threads excluded), the fingerprints of both
     modalities, the student architecture (:func:`ucmkd.cache.model_signature`) and the
     teacher's weights. The initial weights of a student model you pass in are not part of it.
+    dist: this process's data-parallel group (None: one process); ``device`` is this rank's.
     """
 
     cfg: RunConfig
@@ -134,12 +140,17 @@ class RunContext:
     device: str
     key: Optional[str]
     key_parts: dict
+    dist: Optional[distributed.DataParallel] = None
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
 
     def trainer(self, run_dir: Optional[Path] = None, progress: bool = False) -> Trainer:
         c = self.cfg
         return Trainer(self.distiller, self.sampler, self.student_data, c.optim, run_dir=run_dir,
                        config_hash=self.key or "", device=self.device, progress=progress,
-                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}")
+                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}", dist=self.dist)
 
     @property
     def fingerprints(self) -> dict:
@@ -157,32 +168,39 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     teacher (trained or loaded from the cache unless given; ``train_teacher=False`` builds an
     untrained one, to check a grid before anything trains), student model, distiller, pairing
     sampler and the run's content key. Every mistake found here raises a ConfigError or
-    DataError naming the field, dataset or model at fault."""
+    DataError naming the field, dataset or model at fault.
+
+    Under torchrun the process joins its data-parallel group first
+    (:func:`ucmkd.engine.distributed.init_from_env`); rank 0 loads the data and trains the
+    teacher (building their caches) before the other ranks load them."""
     check_ranges(cfg)                  # a config built in Python never went through from_dict
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
     check_device(cfg.device)
+    dp = distributed.init_from_env(cfg.device)
+    device = distributed.device_for(dp, cfg.device)
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
-    if student is None or (teacher_data is None and method_cls.uses_teacher):
-        s, t = _load_pair(cfg)
-        student = student if student is not None else s
-        teacher_data = teacher_data if teacher_data is not None else t
-    check_data(student, "student")
-    if teacher_data is not None:
-        check_data(teacher_data, "teacher_data")
-        check_compatible(student, teacher_data)
-    if teacher is not None:
-        if teacher_data is None:
-            raise ConfigError("teacher given without its teacher_data")
-        check_model(teacher, teacher_data, "teacher")
-    elif method_cls.uses_teacher:
-        if train_teacher:
-            teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
-        else:
-            from .engine.teacher import build_teacher_model
+    with distributed.rank_zero_first(dp):
+        if student is None or (teacher_data is None and method_cls.uses_teacher):
+            s, t = _load_pair(cfg)
+            student = student if student is not None else s
+            teacher_data = teacher_data if teacher_data is not None else t
+        check_data(student, "student")
+        if teacher_data is not None:
+            check_data(teacher_data, "teacher_data")
+            check_compatible(student, teacher_data)
+        if teacher is not None:
+            if teacher_data is None:
+                raise ConfigError("teacher given without its teacher_data")
+            check_model(teacher, teacher_data, "teacher")
+        elif method_cls.uses_teacher:
+            if train_teacher:
+                teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress and (dp is None or dp.is_main))
+            else:
+                from .engine.teacher import build_teacher_model
 
-            teacher = build_teacher_model(cfg, teacher_data)
+                teacher = build_teacher_model(cfg, teacher_data)
     if teacher is not None and teacher_info is None and train_teacher:
         teacher.eval()
         teacher_info = {"val_acc": evaluate(teacher, *teacher_data.split("val"))[0],
@@ -194,11 +212,12 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     if method_cls.uses_teacher:
         from .engine.teacher_outputs import TeacherOutputs
 
-        distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, cfg.device))
+        distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, device))
     sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
                              cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
                              unlabelled=distiller.uses_unlabelled,
-                             require_unlabelled=distiller.requires_unlabelled)
+                             require_unlabelled=distiller.requires_unlabelled,
+                             rank=0 if dp is None else dp.rank, world_size=1 if dp is None else dp.world_size)
     config = to_dict(cfg)
     config.pop("device", None)
     config.pop("threads", None)
@@ -210,8 +229,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     parts = json.loads(json.dumps(parts, default=str))   # as key.json stores it (tuples -> lists)
     return RunContext(cfg=cfg, method=method_cls, params=params, student_data=student, teacher_data=teacher_data,
                       teacher=teacher, teacher_info=teacher_info or {}, model=model, distiller=distiller,
-                      sampler=sampler, device=cfg.device, key=content_key(parts) if train_teacher else None,
-                      key_parts=parts)
+                      sampler=sampler, device=device, key=content_key(parts) if train_teacher else None,
+                      key_parts=parts, dist=dp)
 
 
 # --------------------------------------------------------------------------- running
@@ -247,46 +266,75 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
                 resume: bool = True, stale: str = "error") -> dict:
     """Train (or resume, or load back) the run ``ctx`` in ``run_dir`` (see :func:`run`).
     ``stale="set_aside"`` moves a directory written by another run aside instead of raising
-    (the grid's choice: an edited suite)."""
-    cfg, distiller = ctx.cfg, ctx.distiller
+    (the grid's choice: an edited suite). Under data parallelism rank 0 alone claims and writes
+    the directory, computes the diagnostics and writes ``result.json``; every rank returns the
+    same result (rank 0's)."""
+    cfg, distiller, dp = ctx.cfg, ctx.distiller, ctx.dist
+    writer = dp is None or dp.is_main
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
-        _claim(run_dir, ctx, stale="set_aside" if not resume else stale, fresh=not resume)
+        _on_rank_zero(dp, lambda: _claim(run_dir, ctx, stale="set_aside" if not resume else stale, fresh=not resume))
         done = read_json(run_dir / "result.json", "run result")
         if done is not None and done.get("key") == ctx.key:
             ctx.trainer(run_dir).restore_best()
             return {**done, "distiller": distiller}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        clean_tmp(run_dir)            # what a killed process left behind
-        if not (run_dir / RUN_KEY_FILE).is_file():
-            write_json(run_dir / RUN_KEY_FILE, {"key": ctx.key, "parts": ctx.key_parts})
-        save_config(cfg, run_dir / "config.yaml")
+        if writer:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            clean_tmp(run_dir)            # what a killed process left behind
+            if not (run_dir / RUN_KEY_FILE).is_file():
+                write_json(run_dir / RUN_KEY_FILE, {"key": ctx.key, "parts": ctx.key_parts})
+            save_config(cfg, run_dir / "config.yaml")
     trainer = ctx.trainer(run_dir, progress)
     t0 = time.time()
     fit = trainer.fit()
     trainer.restore_best()
+    result = None
+    if writer:
+        result = _result(ctx, fit, run_dir, t0)
+        if run_dir is not None:
+            write_json(run_dir / "result.json", result)
+    result = distributed.broadcast_object(dp, result)
+    result["distiller"] = distiller   # holds the returned (best-validation) student; not in result.json
+    return result
+
+
+def _on_rank_zero(dp: Optional[distributed.DataParallel], fn) -> None:
+    """Call ``fn`` on rank 0 only; a ucmkd error it raises is raised on every rank."""
+    err = None
+    if dp is None or dp.is_main:
+        try:
+            fn()
+        except UcmkdError as e:
+            if dp is None:
+                raise
+            err = e
+    err = distributed.broadcast_object(dp, err)
+    if err is not None:
+        raise err
+
+
+def _result(ctx: RunContext, fit, run_dir: Optional[Path], t0: float) -> dict:
+    """The run's result dict (result.json): the fit, the alignment diagnostics, the keys;
+    ``seconds`` since ``t0`` (training and diagnostics)."""
+    cfg, distiller = ctx.cfg, ctx.distiller
     diag = {}
     if ctx.teacher is not None and ctx.teacher_data is not None:
         from .diagnostics import alignment_diagnostics
 
         proj = distiller.extra["projector"] if "projector" in distiller.extra else None
         diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data, projector=proj,
-                                     seed=cfg.seed, device=cfg.device)
-    result = {
+                                     seed=cfg.seed, device=ctx.device)
+    return {
         "method": cfg.method.name, "seed": cfg.seed, "teacher": cfg.data.teacher, "student": cfg.data.student,
         "test_acc": fit.test_acc, "val_acc": fit.val_acc, "best_epoch": fit.best_epoch,
         "last_test_acc": fit.last_test_acc, "epochs": fit.epochs,
         "selected": fit.selected, "candidates": fit.candidates,
         "teacher_test_acc": ctx.teacher_info.get("test_acc", float("nan")),
-        "seconds": time.time() - t0, "sampler": ctx.sampler.summary(),
+        "seconds": time.time() - t0, "world_size": ctx.world_size, "sampler": ctx.sampler.summary(),
         **{f"diag_{k}": v for k, v in diag.items()},
         "params": asdict(ctx.params), "run_dir": str(run_dir) if run_dir else None, "key": ctx.key,
         "fingerprints": ctx.fingerprints,
     }
-    if run_dir is not None:
-        write_json(run_dir / "result.json", result)
-    result["distiller"] = distiller   # holds the returned (best-validation) student; not in result.json
-    return result
 
 
 # --------------------------------------------------------------------------- run directories

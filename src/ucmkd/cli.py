@@ -54,23 +54,30 @@ def _cmd_train(a) -> int:
     import json
 
     from .api import run
+    from .engine import distributed
 
     cfg = _load_run_config(a)
     res = run(cfg, run_dir=a.run_dir, progress=not a.no_progress)
     res.pop("distiller", None)
-    print(json.dumps(res, indent=2, default=str))
+    dp = distributed.init_from_env(cfg.device)      # the group run() joined under torchrun
+    if dp is None or dp.is_main:
+        print(json.dumps(res, indent=2, default=str))
     return 0
 
 
 def _cmd_train_teacher(a) -> int:
     from .api import load_pair
-    from .engine import get_teacher
+    from .engine import distributed, get_teacher
 
     cfg = _load_run_config(a)
-    _, teacher_data = load_pair(cfg)
-    _, info = get_teacher(cfg, teacher_data, progress=not a.no_progress, retrain=a.retrain)
-    print(f"teacher {cfg.data.teacher}: val acc {100 * info['val_acc']:.2f}%, test acc "
-          f"{100 * info['test_acc']:.2f}% (best epoch {info['best_epoch']})\ncheckpoint: {info['path']}")
+    dp = distributed.init_from_env(cfg.device)      # under torchrun: rank 0 trains, the others load
+    with distributed.rank_zero_first(dp):
+        _, teacher_data = load_pair(cfg)
+        _, info = get_teacher(cfg, teacher_data, progress=not a.no_progress, retrain=a.retrain and
+                              (dp is None or dp.is_main))
+    if dp is None or dp.is_main:
+        print(f"teacher {cfg.data.teacher}: val acc {100 * info['val_acc']:.2f}%, test acc "
+              f"{100 * info['test_acc']:.2f}% (best epoch {info['best_epoch']})\ncheckpoint: {info['path']}")
     return 0
 
 
@@ -147,11 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(rest)
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
+    from .engine import distributed
+
     try:
         return args.fn(args)
     except UcmkdError as e:
         print(f"ucmkd: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()      # under torchrun: leave the process group cleanly
 
 
 if __name__ == "__main__":  # pragma: no cover

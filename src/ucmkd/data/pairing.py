@@ -89,6 +89,14 @@ class PairingSampler:
     """Yields :class:`Batch` es for one epoch at a time; every epoch is seeded by (seed, epoch),
     so a resumed run draws the same batches as an uninterrupted one.
 
+    Data parallelism: ``batch_size`` is the GLOBAL batch B. With ``world_size`` N > 1, every
+    rank draws the same global batch (student, teacher and unlabelled item indices) and
+    yields its contiguous shard, rows [r B/N, (r + 1) B/N), reading only those items; so N
+    processes train on exactly the batches of one process. B must be divisible by N (a
+    ConfigError names both). A domain shift (``shift_level``) corrupts the global batch before
+    it is sharded (its noise is drawn for the whole batch), so with a shift every rank reads
+    the whole batch.
+
     Args:
         student: the student modality (its ``train`` split is the pool).
         teacher: the teacher modality, or None (teacher training / teacher-free methods).
@@ -99,11 +107,12 @@ class PairingSampler:
         unlabelled: also yield unlabelled student batches ``xu``.
         require_unlabelled: with ``unlabelled``, an empty unlabelled pool is an error (else
             batches simply carry ``xu = None``).
+        rank, world_size: this process's shard of every global batch.
     """
 
     def __init__(self, student: ModalityData, teacher: Optional[ModalityData], cfg: PairingConfig,
                  batch_size: int, steps_per_epoch: Optional[int] = None, seed: int = 0,
-                 unlabelled: bool = False, require_unlabelled: bool = True):
+                 unlabelled: bool = False, require_unlabelled: bool = True, rank: int = 0, world_size: int = 1):
         validate_pairing(cfg)
         if teacher is not None:
             check_compatible(student, teacher)
@@ -143,6 +152,14 @@ class PairingSampler:
                             f"{student.name!r} has none (pairing.label_budget={cfg.label_budget})")
         self.batch_size = int(min(batch_size, len(labelled)))
         self.steps_per_epoch = steps_per_epoch or math.ceil(len(labelled) / self.batch_size)
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"pairing sampler: rank {rank} outside a world of {world_size} processes")
+        if self.batch_size % world_size:
+            clamp = (f" (optim.batch_size {batch_size} clamped to the {len(labelled)} labelled items)"
+                     if self.batch_size < batch_size else "")
+            raise ConfigError(f"optim.batch_size: the global batch of {self.batch_size}{clamp} cannot be split "
+                              f"into {world_size} equal shards, one per process; give a multiple of {world_size}")
+        self.rank, self.world_size = rank, world_size
 
     # ------------------------------------------------------------------ pool construction
     def _mismatch(self, s_pool, t_pool, r, rng):
@@ -223,6 +240,7 @@ class PairingSampler:
                 "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch}
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's shard of every global batch of ``epoch`` (the whole batch in one process)."""
         rng = np.random.default_rng([self.seed, epoch, 2029])
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         n_need = self.steps_per_epoch * self.batch_size
@@ -231,25 +249,26 @@ class PairingSampler:
         s, t, cfg = self.student, self.teacher, self.cfg
         shift_s = cfg.shift_level > 0 and cfg.shift_side in ("student", "both")
         shift_t = cfg.shift_level > 0 and cfg.shift_side in ("teacher", "both")
+        b = self.batch_size // self.world_size
+        mine = slice(self.rank * b, (self.rank + 1) * b)
+
+        def read(data, idx, shift):
+            """This shard's inputs of global item indices ``idx`` (corrupted as a whole batch)."""
+            return corrupt(data.x[idx], data.kind, cfg.shift_level, gen)[mine] if shift else data.x[idx[mine]]
+
         for step in range(self.steps_per_epoch):
             si = order[step * self.batch_size:(step + 1) * self.batch_size]
-            xs, ys = s.x[si], s.y[si]
-            if shift_s:
-                xs = corrupt(xs, s.kind, cfg.shift_level, gen)
-            batch = Batch(xs, ys)
+            ys = s.y[si]
+            batch = Batch(read(s, si, shift_s), ys[mine])
             if t is not None:
                 ti = self._teacher_indices(si, ys.numpy(), rng)
-                batch.xt, batch.yt = t.x[ti], t.y[ti]
-                if shift_t:
-                    batch.xt = corrupt(batch.xt, t.kind, cfg.shift_level, gen)
-                else:
-                    batch.it = torch.as_tensor(ti, dtype=torch.long)
+                batch.xt, batch.yt = read(t, ti, shift_t), t.y[ti[mine]]
+                if not shift_t:
+                    batch.it = torch.as_tensor(ti[mine], dtype=torch.long)
             if self.want_unlabelled:
                 ui = rng.choice(self.unlabelled_pool, size=self.batch_size,
                                 replace=len(self.unlabelled_pool) < self.batch_size)
-                batch.xu = s.x[ui]
-                if shift_s:
-                    batch.xu = corrupt(batch.xu, s.kind, cfg.shift_level, gen)
+                batch.xu = read(s, ui, shift_s)
             yield batch
 
     def _teacher_indices(self, si, ys, rng) -> np.ndarray:

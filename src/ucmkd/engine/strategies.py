@@ -7,6 +7,12 @@
   batch), then the outer loss's gradient at the inner solution updates the real parameters.
 
 Both run the distiller's forwards under the run's precision (:class:`~ucmkd.engine.precision.Precision`).
+
+Data parallelism (``dist``, :mod:`ucmkd.engine.distributed`): ``standard`` runs the forward
+through ``DistributedDataParallel`` over the distiller's trainable modules, whose backward
+averages the gradients across ranks; ``bilevel`` takes its gradients with
+``torch.autograd.grad``, which DDP's hooks never see, so it averages every gradient it takes
+(inner and outer) explicitly, in :meth:`BilevelStrategy._grads`.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError, NumericalError
 from ..registry import Registry
+from . import distributed
 from .precision import Precision
 
 STRATEGIES: Registry[type] = Registry("training strategy")
@@ -41,9 +48,10 @@ class Strategy:
     gradient scaler instead, and logged as ``skipped_step``)."""
 
     def __init__(self, distiller, optimizer: torch.optim.Optimizer, clip_norm: float = 5.0,
-                 precision: Optional[Precision] = None):
+                 precision: Optional[Precision] = None, dist: Optional[distributed.DataParallel] = None):
         self.distiller, self.optimizer, self.clip_norm = distiller, optimizer, clip_norm
         self.precision = precision if precision is not None else Precision()
+        self.dist = dist
 
     def step(self, batch) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -83,10 +91,16 @@ class Strategy:
 
 @STRATEGIES.register("standard")
 class StandardStrategy(Strategy):
+    def __init__(self, distiller, optimizer, clip_norm: float = 5.0, precision: Optional[Precision] = None,
+                 dist: Optional[distributed.DataParallel] = None):
+        super().__init__(distiller, optimizer, clip_norm, precision, dist)
+        # the forward goes through DDP under data parallelism (its backward averages the gradients)
+        self.model = distiller if dist is None else distributed.wrap_ddp(distiller, dist)
+
     def step(self, batch) -> dict:
         where = f"method {self.distiller.name!r}"
         with self.precision.autocast():
-            out = self.distiller(batch)
+            out = self.model(batch)
         _check_finite(out.losses, where)
         self.optimizer.zero_grad(set_to_none=True)
         total = out.total
@@ -200,12 +214,13 @@ class BilevelStrategy(Strategy):
     Every forward runs in train mode, so batch-norm statistics move once per forward.
     """
 
-    def __init__(self, distiller, optimizer, clip_norm: float = 5.0, precision: Optional[Precision] = None):
+    def __init__(self, distiller, optimizer, clip_norm: float = 5.0, precision: Optional[Precision] = None,
+                 dist: Optional[distributed.DataParallel] = None):
         missing = [h for h in _HOOKS if not callable(getattr(distiller, h, None))]
         if missing:
             raise ConfigError(f"method {distiller.name!r} uses the bilevel strategy but lacks the hooks "
                               f"{', '.join(missing)} (ucmkd.engine.strategies.BilevelHooks)")
-        super().__init__(distiller, optimizer, clip_norm, precision)
+        super().__init__(distiller, optimizer, clip_norm, precision, dist)
         self._call = _HookCall(distiller)
         self._names = None
 
@@ -214,14 +229,18 @@ class BilevelStrategy(Strategy):
             return functional_call(self._call, {f"d.{n}": t for n, t in theta.items()}, (hook, *args))
 
     def _grads(self, loss: torch.Tensor, inputs: list, unscale: bool = True) -> Optional[list]:
-        """Gradients of ``loss`` with respect to ``inputs`` (None where unused). Under fp16 the
-        loss is scaled first; with ``unscale`` the gradients are divided back and None is
-        returned when they overflowed (the scale is halved and the caller skips the batch);
-        without it they stay scaled, for the scaler's own unscale and overflow check."""
+        """Gradients of ``loss`` with respect to ``inputs`` (None where unused), averaged over
+        the ranks under data parallelism (as DDP averages: every rank then takes the same inner
+        and outer steps, those of one process on the global batch). Under fp16 the loss is
+        scaled first; with ``unscale`` the gradients are divided back and None is returned when
+        they overflowed (the scale is halved and the caller skips the batch); without it they
+        stay scaled, for the scaler's own unscale and overflow check."""
         scaler = self.precision.scaler
         if scaler is None:
-            return list(torch.autograd.grad(loss, inputs, allow_unused=True))
-        grads = torch.autograd.grad(scaler.scale(loss), inputs, allow_unused=True)
+            return distributed.average_param_grads(self.dist, inputs,
+                                                   torch.autograd.grad(loss, inputs, allow_unused=True))
+        grads = distributed.average_param_grads(
+            self.dist, inputs, torch.autograd.grad(scaler.scale(loss), inputs, allow_unused=True))
         if not unscale:
             return list(grads)
         scale = float(scaler.get_scale())
@@ -272,8 +291,8 @@ class BilevelStrategy(Strategy):
         """The one place where a bilevel step sets gradients and steps the outer optimiser.
 
         The gradients are set by hand (they were taken at theta', not at theta), so DDP's
-        reducer hooks never see them: a data-parallel run must all-reduce ``grads`` across
-        ranks HERE, before clipping."""
+        reducer hooks never see them: under data parallelism they arrive averaged over the
+        ranks already (:meth:`_grads`, which also averages the inner steps' gradients)."""
         self.optimizer.zero_grad(set_to_none=True)
         for q, g in zip(params, grads):
             q.grad = None if g is None else g.detach()

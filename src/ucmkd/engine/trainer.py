@@ -16,6 +16,14 @@ atomically, once per epoch. ``metrics.jsonl``, ``metrics.csv``, ``best.pt`` (the
 trainable state) and ``best_<candidate>.pt`` are exports derived from it, written after it and
 rewritten from it on resume; nothing is ever read back from them. So a process killed at any
 moment resumes exactly where the last commit left it.
+
+Data parallelism (``dist``, :mod:`ucmkd.engine.distributed`): every rank trains on its shard of
+each global batch (the sampler's), under the strategy's gradient averaging. After each epoch
+the trainer averages the logged values over the ranks, gives every rank rank 0's buffers
+(batch-norm statistics) before evaluating, evaluates each split sharded across the ranks and
+sums the counts (so every rank takes the same best-epoch and candidate decisions), lets
+calibration run on every rank and then gives every rank rank 0's calibrated buffers and
+logged values. Only rank 0 writes (checkpoints, exports, metrics).
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from ..config import OptimConfig
 from ..data.base import ModalityData
 from ..data.pairing import PairingSampler
 from ..errors import ConfigError, DataError, NumericalError
+from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .precision import Precision
 
@@ -93,18 +102,26 @@ def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device="cpu",
-             batch_size: int = 1024) -> tuple[float, float]:
-    """Accuracy in [0, 1] and mean cross-entropy of ``model`` (logits) on (x [N, ...], y [N])."""
+             batch_size: int = 1024, dist: Optional[distributed.DataParallel] = None) -> tuple[float, float]:
+    """Accuracy in [0, 1] and mean cross-entropy of ``model`` (logits) on (x [N, ...], y [N]).
+    With ``dist``, every rank evaluates its contiguous share of the items and the sums are
+    all-reduced: every rank returns the same numbers."""
+    n = len(y)
+    lo, hi = (0, n) if dist is None else (n * dist.rank // dist.world_size, n * (dist.rank + 1) // dist.world_size)
     was = model.training
     model.eval()
     correct, loss = 0, 0.0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+    for i in range(lo, hi, batch_size):
+        j = min(i + batch_size, hi)
+        xb, yb = x[i:j].to(device), y[i:j].to(device)
         logits = model(xb)
         correct += int((logits.argmax(1) == yb).sum())
         loss += float(F.cross_entropy(logits, yb, reduction="sum"))
     model.train(was)
-    return correct / max(1, len(y)), loss / max(1, len(y))
+    if dist is not None:
+        correct, loss = distributed.sum_over_ranks(dist, [correct, loss], device)
+        correct = int(round(correct))
+    return correct / max(1, n), loss / max(1, n)
 
 
 @dataclass
@@ -140,18 +157,27 @@ class Trainer:
         optim: optimiser/schedule config.
         run_dir: where checkpoints and metrics go (None: keep nothing on disk).
         config_hash: identifies the run; a ``latest.pt`` from another config is not resumed.
+        dist: this process's data-parallel group (None: one process); the sampler must shard
+            the global batches for the same group.
     """
 
     def __init__(self, distiller, sampler: PairingSampler, data: ModalityData, optim: OptimConfig,
                  run_dir: Optional[Path] = None, config_hash: str = "", device: str = "cpu",
-                 progress: bool = False, desc: str = ""):
+                 progress: bool = False, desc: str = "", dist: Optional[distributed.DataParallel] = None):
+        world = 1 if dist is None else dist.world_size
+        if getattr(sampler, "world_size", 1) != world:
+            raise ConfigError(f"trainer: the sampler shards batches for {getattr(sampler, 'world_size', 1)} "
+                              f"processes, the run has {world}")
         self.distiller = distiller.to(device)
         self.sampler, self.data, self.optim = sampler, data, optim
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.config_hash, self.device, self.progress, self.desc = config_hash, device, progress, desc
+        self.config_hash, self.device, self.desc = config_hash, device, desc
+        self.dist = dist
+        self.writer = dist is None or dist.is_main      # the one process that writes (and shows progress)
+        self.progress = progress and self.writer
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.strategy = STRATEGIES.get(distiller.strategy)(distiller, self.optimizer, optim.clip_norm,
-                                                           precision=Precision(optim.precision, device))
+                                                           precision=Precision(optim.precision, device), dist=dist)
         self.total_steps = optim.epochs * len(sampler)
         self.warmup_steps = optim.warmup_epochs * len(sampler)
         self.step_count = 0
@@ -165,7 +191,8 @@ class Trainer:
     def state(self) -> dict:
         """Everything a resumed run needs (the content of ``latest.pt``)."""
         return {"format": CHECKPOINT_FORMAT, "model": self.distiller.trainable_state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step_count,
+                "optimizer": self.optimizer.state_dict(), "strategy": self.strategy.state_dict(),
+                "epoch": self.epoch, "step": self.step_count,
                 "best": {k: dict(v) for k, v in self.best.items()}, "best_states": self.best_states,
                 "history": list(self.history), "config_hash": self.config_hash, "rng": rng_state()}
 
@@ -178,6 +205,7 @@ class Trainer:
                             f"version writes format {CHECKPOINT_FORMAT}: use a fresh run directory")
         self.distiller.load_trainable_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
+        self.strategy.load_state_dict(st.get("strategy", {}))    # the fp16 loss scale (absent before it was saved)
         self.epoch, self.step_count = st["epoch"], st["step"]
         self.best = {k: dict(v) for k, v in st["best"].items()}
         self.best_states = st["best_states"]
@@ -188,10 +216,12 @@ class Trainer:
         """Continue from ``latest.pt`` if there is one (and rewrite the exports from it)."""
         if self.run_dir is None or not (self.run_dir / "latest.pt").is_file():
             return False
-        clean_tmp(self.run_dir)
         path = self.run_dir / "latest.pt"
+        if self.writer:
+            clean_tmp(self.run_dir)
         self.load_state(load_checkpoint(path), str(path))
-        self._export(list(self.best))
+        if self.writer:
+            self._export(list(self.best))
         return True
 
     # ------------------------------------------------------------------ loop
@@ -216,7 +246,8 @@ class Trainer:
             for step, batch in enumerate(self.sampler.epoch(ep)):
                 lr = self._set_lr()
                 try:
-                    logs = self.strategy.step(batch.to(self.device))
+                    with distributed.active(self.dist):
+                        logs = self.strategy.step(batch.to(self.device))
                 except NumericalError as e:
                     where = f"epoch {ep}, step {step}"
                     keep = (f"; the last good state is {self.run_dir / 'latest.pt'} (epoch {self.epoch})"
@@ -226,6 +257,8 @@ class Trainer:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
             self.epoch = ep + 1
+            sums = distributed.mean_over_ranks(self.dist, sums)
+            distributed.broadcast_buffers(self.dist, self._trainable_modules())
             row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()}}
             improved = []
             for name, model in self.distiller.candidates().items():
@@ -235,7 +268,7 @@ class Trainer:
                 if better:
                     self.best[name] = cur
                     improved.append(name)
-            row.update(self.distiller.calibrate(*self._eval["val"]))
+            row.update(self._calibrate())
             self.history.append(row)
             for name in improved:   # weights after calibration (it may set the student's buffers)
                 self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
@@ -257,11 +290,22 @@ class Trainer:
         """Validate ``model`` after the current epoch: ({epoch, val_acc, val_loss, test_acc},
         whether it beats ``best`` on (val acc, -val loss)). The test split is only read where it
         is reported, at a new best validation epoch and at the last epoch (never to select)."""
-        val_acc, val_loss = evaluate(model, *self._eval["val"], self.device)
+        val_acc, val_loss = evaluate(model, *self._eval["val"], self.device, dist=self.dist)
         improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
-        test_acc = (evaluate(model, *self._eval["test"], self.device)[0]
+        test_acc = (evaluate(model, *self._eval["test"], self.device, dist=self.dist)[0]
                     if improved or self.epoch == self.optim.epochs else None)
         return {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}, improved
+
+    def _calibrate(self) -> dict:
+        """The distiller's calibration on the validation split. Under data parallelism every rank
+        runs it (a method may use collectives in it) and rank 0's outcome is kept everywhere:
+        its buffers and its logged values."""
+        logs = self.distiller.calibrate(*self._eval["val"])
+        distributed.broadcast_buffers(self.dist, self._trainable_modules())
+        return distributed.broadcast_object(self.dist, logs)
+
+    def _trainable_modules(self) -> list:
+        return [self.distiller.student, self.distiller.extra]
 
     def records(self) -> dict[str, dict]:
         """Each candidate's best-validation record, the student first."""
@@ -291,8 +335,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ disk
     def _commit(self, improved: list) -> None:
-        """The epoch's one commit point (``latest.pt``), then the exports derived from it."""
-        if self.run_dir is None:
+        """The epoch's one commit point (``latest.pt``), then the exports derived from it (rank 0
+        only: every rank holds the same state)."""
+        if self.run_dir is None or not self.writer:
             return
         save_checkpoint(self.state(), self.run_dir / "latest.pt")
         self._export(improved)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine import distributed
 from ..losses.ot import FeatureAlignmentLoss
 from .base import DistillOutput, Distiller, register_method
 
@@ -26,11 +27,18 @@ class OTParams:
 class FullPrecisionFA(FeatureAlignmentLoss):
     """The FA loss with autocast switched off around the solve: under a bf16/fp16 run the
     features arrive in low precision and ``ot.py`` promotes them to float32, but an active
-    autocast would run the cost matmul and the Sinkhorn products in low precision again."""
+    autocast would run the cost matmul and the Sinkhorn products in low precision again.
+
+    Under data parallelism (:mod:`ucmkd.engine.distributed`) the transport problem is the
+    GLOBAL batch's, as in one process: ``zs`` are this rank's rows of the student features
+    [b, d], while ``zt`` [M, d] and ``extra_cost`` [B, M] are the global batch's (gathered by
+    the method). The student features are gathered with their gradient and every rank solves
+    the same global problem (the cost of one solve per rank: the solve is not split).
+    """
 
     def forward(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost=None) -> torch.Tensor:
         with torch.autocast(zs.device.type, enabled=False):
-            return super().forward(zs, zt, extra_cost)
+            return super().forward(distributed.gather_with_grad(zs), zt, extra_cost)
 
 
 def make_fa(p) -> FeatureAlignmentLoss:
@@ -53,11 +61,13 @@ class FAOnly(Distiller):
         self.fa = make_fa(self.params)
 
     def feature_terms(self, batch):
-        """(student logits [B, K], projected student features [B, d_t], {"ce", "fa"} losses)."""
+        """(student logits [B, K], projected student features [B, d_t], {"ce", "fa"} losses);
+        the OT sees the global batch under data parallelism."""
         zt, _ = self.teacher_forward(batch)
         z, logits = self.student(batch.xs, return_features=True)
         zp = self.project(z)
-        return logits, zp, {"ce": F.cross_entropy(logits, batch.ys), "fa": self.params.w_fa * self.fa(zp, zt)}
+        fa = self.fa(zp, distributed.gather(zt))
+        return logits, zp, {"ce": F.cross_entropy(logits, batch.ys), "fa": self.params.w_fa * fa}
 
     def forward(self, batch):
         logits, _, losses = self.feature_terms(batch)

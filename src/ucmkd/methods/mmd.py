@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
+from ..engine import distributed
 from ..errors import ConfigError
 from ..losses.mmd import DEFAULT_FACTORS, mmd2
 from .base import DistillOutput, Distiller, register_method
@@ -16,7 +17,8 @@ class MMD(Distiller):
     """loss = CE(s, y) + weight * MMD^2(project(z_s), z_t) between the batch of projected
     student features and the teacher batch's features (no pairing used: distribution
     matching). Gaussian kernel mixture with bandwidths ``factor * median`` pairwise squared
-    distance of the pooled batch (:func:`ucmkd.losses.mmd.mmd2`)."""
+    distance of the pooled batch (:func:`ucmkd.losses.mmd.mmd2`). Under data parallelism both
+    samples are the global batch's (the student's gathered with its gradient)."""
 
     projects_features = True
 
@@ -36,5 +38,6 @@ class MMD(Distiller):
         zt, _ = self.teacher_forward(batch)
         z, logits = self.student(batch.xs, return_features=True)
         p = self.params
+        zs_all, zt_all = distributed.gather_with_grad(self.project(z)), distributed.gather(zt.detach())
         return DistillOutput(logits, {"ce": F.cross_entropy(logits, batch.ys),
-                                      "mmd": p.weight * mmd2(self.project(z), zt.detach(), p.factors)})
+                                      "mmd": p.weight * mmd2(zs_all, zt_all, p.factors)})

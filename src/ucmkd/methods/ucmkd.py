@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine import distributed
 from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
 from ..losses.prototypes import ClassPrototypes
@@ -111,6 +112,9 @@ class UCMKD(Distiller):
         probs = logits_u.softmax(1)
         if p.teacher_vote:
             probs = 0.5 * (probs + self.teacher.head(zpu).softmax(1))
+        # data parallelism: the global unlabelled batch's probabilities, so that the prior's
+        # running mean sees the batch one process sees (identity in one process)
+        probs = distributed.gather(probs)
         if p.align_prior:
             probs = self.extra["prior"].align(probs, self.extra["protos"].count, update=update)
         return probs
@@ -183,7 +187,10 @@ class UCMKD(Distiller):
         if batch.yt is None:
             raise DataError("method 'ucmkd' needs the teacher items' labels (batch.yt is None)")
         zt, t_logits = self.teacher_forward(batch)
-        self.extra["protos"].update(zt, t_logits, batch.yt)
+        # data parallelism: the teacher items and the labels of the GLOBAL batch, for the
+        # batch-level terms (class means, same-class teacher picks, OT); identity in one process
+        zt, t_logits, yt, ys = distributed.gather(zt, t_logits, batch.yt, batch.ys)
+        self.extra["protos"].update(zt, t_logits, yt)
         tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
         # while the calibration pauses the unlabelled terms (tau >= 1: no threshold reaches the
         # wanted precision yet) the unlabelled items are not forwarded at all: they would only
@@ -200,21 +207,25 @@ class UCMKD(Distiller):
         w = ramp(self.progress, p.warmup)
         zp = self.project(z)
         losses = {"ce": F.cross_entropy(logits, batch.ys)}
-        target = self._class_targets(batch.ys, batch.yt, t_logits)
+        # targets drawn for the global batch on every rank (the same draw), then this rank's rows
+        target = distributed.local_rows(self._class_targets(ys, yt, t_logits))
         losses.update({k: w * v for k, v in self._teacher_terms(logits, zp, batch.ys, target).items()})
         if p.w_fa > 0:
-            cross = (batch.ys[:, None] != batch.yt[None, :]).to(zp.dtype) * p.label_cost
+            cross = (ys[:, None] != yt[None, :]).to(zp.dtype) * p.label_cost
             losses["fa"] = w * p.w_fa * self.fa(zp, zt, extra_cost=cross)
         metrics = {}
         if use_u:
             zpu = self.project(zu)
             probs = self._pseudo_probs(logits_u, zpu)
-            yhat, mask = confident_targets(probs, min(tau, 1.0))
+            yhat_all, mask_all = confident_targets(probs, min(tau, 1.0))      # global batch
+            yhat, mask = distributed.local_rows(yhat_all), distributed.local_rows(mask_all)
             wu = w * p.w_u
             losses["pl"] = wu * masked_ce(logits_u, yhat, mask)
+            if mask_all.any():     # every rank draws the global targets (keeps the draws in step)
+                target_u = distributed.local_masked_rows(self._class_targets(yhat_all[mask_all], yt, t_logits),
+                                                         mask_all)
             if mask.any():
                 frac = float(mask.float().mean())
-                target_u = self._class_targets(yhat[mask], batch.yt, t_logits)
                 for k, v in self._teacher_terms(logits_u[mask], zpu[mask], yhat[mask], target_u, frac).items():
                     losses[f"{k}_u"] = wu * v
             metrics["pl_mask"] = float(mask.float().mean())

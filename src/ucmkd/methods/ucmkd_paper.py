@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine import distributed
 from ..engine.precision import at_least_fp32
 from ..engine.strategies import InnerAdamW
 from ..errors import ConfigError
@@ -104,8 +105,8 @@ class UCMKDBilevel(Distiller):
 
     def bilevel_inner_loss(self, stage: str, batch, cache: dict):
         if stage == "fa":
-            if "zt" not in cache:
-                cache["zt"] = self.teacher_forward(batch)[0]
+            if "zt" not in cache:     # the global batch's teacher features (FullPrecisionFA)
+                cache["zt"] = distributed.gather(self.teacher_forward(batch)[0])
             fa = self.fa(self.project(self.student.features(batch.xs)), cache["zt"])
             return fa, {"inner_fa": fa}
         if stage == "head":

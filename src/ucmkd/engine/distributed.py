@@ -1,0 +1,403 @@
+"""Data parallelism over processes: ``torchrun`` + ``torch.distributed``, one small module.
+
+A run launched by ``torchrun`` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT) joins the process group described by that environment (:func:`init_from_env`):
+backend ``gloo`` on CPU, ``nccl`` on CUDA (one device per local rank). Without torchrun (or with
+one process) nothing here does anything, so a single-process run is the code path it always was.
+
+``optim.batch_size`` is the GLOBAL batch: the pairing sampler gives every rank its contiguous
+shard of each global batch (rank r holds rows [r b, (r + 1) b), b = B / N), so N processes see
+the batches one process sees. Per-item losses (means over a shard) are averaged across ranks
+by DDP's gradient all-reduce, which equals their global mean. Batch-level terms (OT, MMD, batch
+statistics) need the whole batch: a method gathers it with the collectives below. They act on
+the data-parallel group the trainer makes :func:`active` around its training steps; outside
+it (evaluation, calibration, teacher training, a single process) they return their input.
+
+- :func:`gather`: every rank's rows of one or more tensors, concatenated in rank order (the
+  global batch, in the single-process order), without gradient, in one collective.
+- :func:`gather_with_grad`: the same for one tensor whose gradient must reach each rank's own
+  rows. Backward sums the gathered tensor's gradient over ranks (a reduce-scatter): every rank
+  computes the same global loss from it, so each rank's rows receive N times their gradient,
+  and DDP's mean over ranks divides the N back out. (``torch.distributed.nn.functional.
+  all_gather`` has the same semantics; it is deprecated in PyTorch 2.13 and had a
+  non-contiguous-gradient bug, pytorch #120386: inputs and gradients are made contiguous here.)
+- :func:`local_rows`: this rank's rows of a global tensor; :func:`local_masked_rows`: its rows
+  among the rows a global mask picks.
+
+Engine-side helpers take the :class:`DataParallel` explicitly: :func:`rank_zero_first` (cache
+builders), :func:`average_gradients` (hand-set gradients, which bypass DDP's hooks),
+:func:`broadcast_buffers`, :func:`broadcast_object`, :func:`mean_over_ranks`, :func:`wrap_ddp`.
+Every collective adds its payload to :data:`COMM` (bytes each rank passes in), for benchmarks.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+
+#: Seconds a collective may wait (e.g. the other ranks while rank 0 trains a teacher) before the
+#: process group gives up; ``UCMKD_DIST_TIMEOUT_S`` overrides it. torchrun tears the whole job
+#: down as soon as one rank fails, so a long timeout never keeps a failed job alive.
+DEFAULT_TIMEOUT_S = 7200
+
+#: Bytes each rank passed to tensor collectives, by kind (``gather``, ``gather_grad``: forward
+#: and backward, ``all_reduce``, ``broadcast``), since the last :func:`reset_comm` (DDP's own
+#: gradient all-reduce is not counted here: its payload is the trainable gradients' size).
+COMM: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in a data-parallel job."""
+
+    rank: int          # 0 .. world_size - 1
+    world_size: int
+    local_rank: int    # rank on this node (its CUDA device index)
+    backend: str       # gloo | nccl
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes checkpoints, metrics and results."""
+        return self.rank == 0
+
+
+_PROCESS: Optional[DataParallel] = None    # the group this module joined (or found)
+_OWNED = False                             # whether this module initialised it
+_ACTIVE: Optional[DataParallel] = None     # the group the method-side collectives act on
+
+
+# --------------------------------------------------------------------------- the process group
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"distributed: environment variable {name}={value!r} is not an integer (torchrun "
+                          f"sets RANK, WORLD_SIZE and LOCAL_RANK; launch with torchrun)") from None
+
+
+def init_from_env(device: str = "cpu") -> Optional[DataParallel]:
+    """Join the data-parallel job this process belongs to, once; None for a single process.
+
+    A process group the caller initialised already is used as it is. Otherwise, with
+    WORLD_SIZE > 1 in the environment (torchrun), the group is initialised from it
+    (``init_method="env://"``): backend nccl when ``device`` is CUDA (after selecting the
+    device LOCAL_RANK), gloo otherwise."""
+    global _PROCESS, _OWNED
+    if _PROCESS is not None:
+        return _PROCESS
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() == 1:
+            return None
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        _PROCESS = DataParallel(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()))
+        return _PROCESS
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    if not dist.is_available():
+        raise ConfigError("distributed: WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r}, but no CUDA device is available here (use device=cpu)")
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"distributed: LOCAL_RANK {local} but this node has {torch.cuda.device_count()} "
+                              f"CUDA devices: start at most that many processes per node (--nproc_per_node)")
+        torch.cuda.set_device(local)
+    backend = "nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(seconds=float(os.environ.get("UCMKD_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    _PROCESS, _OWNED = DataParallel(rank, world, local, backend), True
+    return _PROCESS
+
+
+def device_for(dp: Optional[DataParallel], device: str) -> str:
+    """The device of this rank: ``cuda`` becomes ``cuda:<LOCAL_RANK>``; an explicit ``cuda:k``
+    would put every rank of a node on one device and is refused."""
+    if dp is None or torch.device(device).type != "cuda":
+        return device
+    if torch.device(device).index is not None:
+        raise ConfigError(f"device: {device!r} under {dp.world_size} processes would put every rank on one GPU; "
+                          f"give device=cuda (each rank takes cuda:<LOCAL_RANK>)")
+    return f"cuda:{dp.local_rank}"
+
+
+def shutdown() -> None:
+    """Destroy the process group if :func:`init_from_env` created it (the CLI's exit)."""
+    global _PROCESS, _OWNED
+    if _OWNED and dist.is_initialized():
+        dist.destroy_process_group()
+    _PROCESS, _OWNED = None, False
+
+
+# --------------------------------------------------------------------------- the active group
+@contextlib.contextmanager
+def active(dp: Optional[DataParallel]) -> Iterator[None]:
+    """Make ``dp`` the group of the method-side collectives inside the block (the trainer's
+    training steps); None: they stay no-ops."""
+    global _ACTIVE
+    prev, _ACTIVE = _ACTIVE, dp
+    try:
+        yield
+    finally:
+        _ACTIVE = prev
+
+
+def current() -> Optional[DataParallel]:
+    """The active data-parallel group (None outside a distributed training step)."""
+    return _ACTIVE
+
+
+def world_size() -> int:
+    """Number of ranks sharing the current global batch (1 outside a distributed step)."""
+    return _ACTIVE.world_size if _ACTIVE is not None else 1
+
+
+def reset_comm() -> None:
+    COMM.clear()
+
+
+def _count(kind: str, tensors: Iterable[torch.Tensor]) -> None:
+    COMM[kind] = COMM.get(kind, 0) + sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --------------------------------------------------------------------------- packing
+def _pack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The bytes of ``tensors`` (any dtypes) in one flat uint8 tensor."""
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def _unpack(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`_pack` on stacked copies: flat [R, n_bytes] -> for each tensor of shape
+    S in ``like``, its R copies [R, *S] (same dtype)."""
+    out, off = [], 0
+    for t in like:
+        n = t.numel() * t.element_size()
+        part = flat[:, off:off + n].reshape(-1).clone()      # own storage: aligned for any dtype
+        out.append(part.view(t.dtype).reshape(flat.shape[0], *t.shape))
+        off += n
+    return out
+
+
+# --------------------------------------------------------------------------- method-side collectives
+def _all_gather_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    # PyTorch 2.13 renamed all_gather_into_tensor (which now warns) to all_gather_single
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(out, x)
+
+
+def _reduce_scatter_into(out: torch.Tensor, g: torch.Tensor) -> None:
+    getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(out, g, op=dist.ReduceOp.SUM)
+
+
+def gather(*tensors: torch.Tensor):
+    """Every rank's rows of each tensor, concatenated in rank order: [b, ...] -> [N b, ...]
+    (no gradient). All tensors travel in one collective; each must have the same shape and
+    dtype on every rank (the sampler's shards do). Returns one tensor for one argument, else a
+    tuple; outside a distributed step, the inputs themselves."""
+    dp = _ACTIVE
+    if dp is None:
+        return tensors[0] if len(tensors) == 1 else tensors
+    if any(t.ndim == 0 for t in tensors):
+        raise ValueError("gather: tensors must have a batch dimension, got a 0-dim tensor")
+    flat = _pack(tensors)
+    out = flat.new_empty(dp.world_size * flat.numel())
+    _count("gather", [flat])
+    _all_gather_into(out, flat)
+    res = [r.reshape(-1, *t.shape[1:]) for r, t in zip(_unpack(out.view(dp.world_size, -1), tensors), tensors)]
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """[b, ...] -> [N b, ...]; backward: reduce-scatter (sum) of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, world: int) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        _count("gather_grad", [x])
+        _all_gather_into(out, x)
+        ctx.shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g = g.contiguous()
+        out = g.new_empty(ctx.shape)
+        _count("gather_grad", [g])
+        _reduce_scatter_into(out, g)
+        return out, None
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` [b, ...] -> [N b, ...], differentiable: the gradient of the
+    result, summed over ranks, flows back into each rank's own rows (module docstring: every
+    rank computes the same global loss, DDP's mean over ranks undoes the sum). Outside a
+    distributed step: ``x``."""
+    dp = _ACTIVE
+    return x if dp is None else _GatherWithGrad.apply(x, dp.world_size)
+
+
+def local_rows(x: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a global tensor [N b, ...] -> [b, ...] (rows [r b, (r + 1) b))."""
+    dp = _ACTIVE
+    if dp is None:
+        return x
+    n = x.shape[0]
+    if n % dp.world_size:
+        raise ValueError(f"local_rows: {n} rows cannot be split into {dp.world_size} equal shards")
+    b = n // dp.world_size
+    return x[dp.rank * b:(dp.rank + 1) * b]
+
+
+def local_masked_rows(selected: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``selected = x[mask]``, where ``mask`` [N b] (bool) picks rows of a
+    global tensor: the picked rows that lie in this rank's shard, in order."""
+    dp = _ACTIVE
+    if dp is None:
+        return selected
+    b = mask.shape[0] // dp.world_size
+    start = int(mask[:dp.rank * b].sum())
+    return selected[start:start + int(mask[dp.rank * b:(dp.rank + 1) * b].sum())]
+
+
+# --------------------------------------------------------------------------- engine-side helpers
+def barrier(dp: Optional[DataParallel]) -> None:
+    if dp is not None:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first(dp: Optional[DataParallel]) -> Iterator[None]:
+    """Run the block on rank 0 first (it builds and writes any cache entry: data, teachers),
+    then on the local rank 0 of every other node (a node-local cache; they find a shared one
+    complete), then on every other rank (which only read). No two processes write one file."""
+    if dp is None:
+        yield
+        return
+    phase = 0 if dp.rank == 0 else (1 if dp.local_rank == 0 else 2)
+    for _ in range(phase):
+        dist.barrier()
+    yield
+    for _ in range(phase, 3):
+        dist.barrier()
+
+
+def broadcast_object(dp: Optional[DataParallel], obj):
+    """Rank 0's ``obj`` (any picklable value) on every rank."""
+    if dp is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_ranks(dp: Optional[DataParallel], values: dict) -> dict:
+    """{name: mean over ranks} of per-rank floats; a name a rank lacks counts as 0 there
+    (e.g. a term that only some shards produced in a step)."""
+    if dp is None:
+        return values
+    every = [None] * dp.world_size
+    dist.all_gather_object(every, values)
+    names = list(dict.fromkeys(k for d in every for k in d))
+    return {k: sum(d.get(k, 0.0) for d in every) / dp.world_size for k in names}
+
+
+def sum_over_ranks(dp: Optional[DataParallel], values: Sequence[float], device="cpu") -> list[float]:
+    """The sums over ranks of a few numbers (float64, one all-reduce; the same on every rank)."""
+    if dp is None:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    _count("all_reduce", [t])
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def average_param_grads(dp: Optional[DataParallel], params: Sequence[torch.Tensor],
+                        grads: Sequence[Optional[torch.Tensor]]) -> list:
+    """The mean over ranks of the gradients ``grads`` of ``params`` (as DDP averages), in one
+    all-reduce. A gradient that is None on a rank counts as zero there (zeros of the
+    parameter's shape travel in its place); one that is None on every rank stays None, as a
+    single process would leave it (AdamW then skips the parameter)."""
+    if dp is None:
+        return list(grads)
+    filled = [torch.zeros_like(q) if g is None else g for q, g in zip(params, grads)]
+    none_here = [g is None for g in grads]
+    flags = torch.tensor([0.0 if n else 1.0 for n in none_here], dtype=filled[0].dtype, device=filled[0].device)
+    flat = torch.cat([flags] + [g.reshape(-1) for g in filled])
+    _count("all_reduce", [flat])
+    dist.all_reduce(flat)
+    flat /= dp.world_size
+    out, off = [], len(filled)
+    for g, f in zip(filled, flat[:len(filled)].tolist()):
+        n = g.numel()
+        out.append(flat[off:off + n].view_as(g) if f > 0 else None)
+        off += n
+    return out
+
+
+def broadcast_buffers(dp: Optional[DataParallel], modules: Sequence[nn.Module]) -> None:
+    """Copy rank 0's buffers of ``modules`` (batch-norm running statistics, running class
+    statistics, calibrated thresholds) to every rank, in one broadcast: what DDP's
+    ``broadcast_buffers`` does before every forward, done where the buffers are read."""
+    if dp is None:
+        return
+    bufs = [b for m in modules for b in m.buffers()]
+    if not bufs:
+        return
+    flat = _pack(bufs)
+    _count("broadcast", [flat])
+    dist.broadcast(flat, src=0)
+    with torch.no_grad():
+        for b, v in zip(bufs, _unpack(flat.view(1, -1), bufs)):
+            b.copy_(v[0])
+
+
+class TrainableView(nn.Module):
+    """The distiller's trainable modules (``student``, ``extra``) as one module, whose forward is
+    the distiller's: what DDP wraps, so the frozen teacher is never part of it (its weights are
+    neither broadcast nor given gradient hooks; torchdistill's ``wrap_model`` rule)."""
+
+    def __init__(self, distiller: nn.Module):
+        super().__init__()
+        self.student = distiller.student
+        self.extra = distiller.extra
+        object.__setattr__(self, "_distiller", distiller)    # not a submodule
+
+    def forward(self, batch):
+        return self._distiller(batch)
+
+
+def wrap_ddp(distiller: nn.Module, dp: DataParallel) -> nn.Module:
+    """``DistributedDataParallel`` over the distiller's trainable modules (:class:`TrainableView`).
+
+    ``find_unused_parameters``: a method may leave a trainable module out of a step (a term
+    whose weight is 0, a branch a batch does not take), which DDP must then be told; the
+    per-step cost is one walk of the autograd graph. Buffers are not broadcast before every
+    forward: the trainer broadcasts rank 0's once per epoch, before they are read
+    (:func:`broadcast_buffers`)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    view = TrainableView(distiller)
+    device = next(iter(view.parameters())).device
+    ids = [device.index] if device.type == "cuda" else None
+    # PyTorch 2.13 renamed broadcast_buffers (now a deprecation warning) to forward_sync_buffers
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return DistributedDataParallel(view, device_ids=ids, find_unused_parameters=True, **{sync: False})
+
+
+__all__ = ["DataParallel", "init_from_env", "device_for", "shutdown", "active", "current", "world_size", "gather",
+           "gather_with_grad", "local_rows", "local_masked_rows", "barrier", "rank_zero_first", "broadcast_object",
+           "mean_over_ranks", "average_param_grads", "broadcast_buffers", "wrap_ddp", "TrainableView", "COMM",
+           "reset_comm"]

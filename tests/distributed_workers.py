@@ -1,0 +1,149 @@
+"""Worker of the multi-process tests (tests/test_distributed.py), run by torchrun:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_workers.py TASK ... [+ TASK ...]
+
+(tasks separated by ``+`` run one after the other in the same processes: one start-up for all)
+
+- ``grads CACHE OUT``: for every method of :data:`GRAD_METHODS`, one training step on the first
+  global batch of :func:`grad_config` with a student without batch norm
+  (:func:`no_bn_student`); every rank saves the gradients it steps with to ``OUT.rank<r>``.
+- ``fit CONFIG RUN_DIR WRITES [KILL_AFTER_EPOCH]``: ``ucmkd.api.run`` of the YAML config
+  into RUN_DIR; every atomic write is logged to WRITES as ``<rank> <path>``; with
+  KILL_AFTER_EPOCH, rank 0 SIGKILLs itself right after that epoch's commit (torchrun then
+  stops the other rank: every process of the run is killed).
+
+Imported by the tests too: :func:`grad_config`, :func:`no_bn_student` and :func:`step_grads`
+give the single-process reference.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+from torch import nn
+
+from ucmkd.config import RunConfig, SyntheticConfig
+from ucmkd.models import Classifier
+
+#: method -> params of the gradient-equality check (no warm-up ramp, so that every term counts
+#: at the first step; ucmkd: a fixed pseudo-label threshold below the largest class probability
+#: of some items, so that the confident mask is partial and differs between the shards)
+GRAD_METHODS = {
+    "ce": {},
+    "kd": {},
+    "fa-only": {"n_iter": 20},
+    "ucmkd-joint": {"n_iter": 20},
+    "mmd": {},
+    "ucmkd": {"n_iter": 20, "precision": 0.0, "threshold": 0.36, "warmup": 0.0},
+    "ucmkd-bilevel": {"n_iter": 20, "inner_lr": 1e-2},
+}
+
+
+def grad_config(method: str, cache_dir: str) -> RunConfig:
+    """4-class synthetic problem, global batch 16 (8 per rank on 2 ranks), 10 labels per class."""
+    cfg = RunConfig()
+    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
+    cfg.data.synthetic = SyntheticConfig(n_items=400, num_classes=4)
+    cfg.data.cache_dir = cache_dir
+    cfg.teacher.epochs, cfg.teacher.batch_size = 5, 32
+    cfg.model.teacher_width, cfg.model.teacher_feat_dim = 16, 8
+    cfg.optim.batch_size, cfg.optim.steps_per_epoch, cfg.optim.clip_norm = 16, 2, 0.0
+    cfg.method.name, cfg.method.params = method, dict(GRAD_METHODS[method])
+    cfg.threads = 1
+    return cfg
+
+
+def no_bn_student(input_dim: int, num_classes: int) -> Classifier:
+    """An MLP student without batch norm (feature width 6, so the OT methods add a projector to
+    the teacher's 8), initialised from a fixed seed."""
+    torch.manual_seed(123)
+    enc = nn.Sequential(nn.Linear(input_dim, 16), nn.Tanh(), nn.Linear(16, 6))
+    return Classifier(enc, 6, num_classes, (input_dim,), name="student[no-bn]")
+
+
+def step_grads(method: str, cache_dir: str) -> dict:
+    """{"grads": [gradient of every trainable parameter], "logs": the step's logs} of one step on
+    the first batch (this rank's shard under torchrun), as the strategy steps with them."""
+    from ucmkd.api import load_pair, prepare
+    from ucmkd.engine import distributed
+
+    cfg = grad_config(method, cache_dir)
+    s, t = load_pair(cfg)          # generated in memory: no cache file
+    ctx = prepare(cfg, student=s, teacher_data=t, student_model=no_bn_student(s.input_shape[0], s.num_classes))
+    trainer = ctx.trainer()
+    strategy, seen = trainer.strategy, {}
+    step = strategy._clip_and_step
+
+    def capture(where):
+        seen["grads"] = [None if q.grad is None else q.grad.detach().clone()
+                         for q in ctx.distiller.trainable_parameters()]
+        return step(where)
+
+    strategy._clip_and_step = capture
+    ctx.distiller.train()
+    batch = next(iter(ctx.sampler.epoch(0)))
+    with distributed.active(ctx.dist):
+        logs = strategy.step(batch)
+    return {"grads": seen["grads"], "logs": logs, "batch": len(batch.ys)}
+
+
+def _grads(cache_dir: str, out: str) -> None:
+    from ucmkd.engine import distributed
+
+    res = {m: step_grads(m, cache_dir) for m in GRAD_METHODS}
+    torch.save(res, f"{out}.rank{distributed.init_from_env().rank}")
+
+
+def _fit(config: str, run_dir: str, writes: str, kill_after: int | None) -> None:
+    import ucmkd.cache as cache
+    from ucmkd.api import run
+    from ucmkd.config import load_config
+    from ucmkd.engine import Trainer
+
+    rank = int(os.environ["RANK"])
+    orig = cache._replace
+
+    def logged(tmp, path):
+        orig(tmp, path)
+        with open(writes, "a") as f:
+            f.write(f"{rank} {path}\n")
+
+    cache._replace = logged
+    if kill_after is not None:
+        commit = Trainer._commit
+
+        def commit_then_die(self, improved):
+            commit(self, improved)
+            if self.writer and self.epoch == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        Trainer._commit = commit_then_die
+    run(load_config(RunConfig, config), run_dir=run_dir)
+    cache._replace = orig
+
+
+def main(argv: list[str]) -> None:
+    from ucmkd.engine import distributed
+
+    torch.set_num_threads(1)
+    tasks, cur = [], []
+    for a in argv + ["+"]:
+        if a == "+":
+            tasks.append(cur)
+            cur = []
+        else:
+            cur.append(a)
+    for task, *args in tasks:
+        if task == "grads":
+            _grads(*args)
+        elif task == "fit":
+            _fit(args[0], args[1], args[2], int(args[3]) if len(args) > 3 else None)
+        else:
+            sys.exit(f"unknown task {task!r}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,160 @@
+"""Data parallelism, run for real: ``torchrun --standalone --nproc_per_node=2`` with the gloo
+backend on CPU (tests/distributed_workers.py does the work in the processes).
+
+- Two processes compute the gradient one process computes on the same global batch, for a
+  student without batch norm (whose statistics are per shard by design), for every method
+  with a batch-level term and for ``ce``/``kd``.
+- Rank 0 alone writes (teacher cache, checkpoints, metrics, result.json, which records the
+  world size), and a run whose processes are all killed resumes, through ``torchrun -m ucmkd
+  train``, to exactly the uninterrupted 2-process result.
+
+Every launch runs under a timeout in its own process group, killed as a whole on expiry, so
+a hang can never stall the suite.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ucmkd.config import RunConfig, SyntheticConfig, save_config
+from ucmkd.engine import load_checkpoint
+
+from distributed_workers import GRAD_METHODS, step_grads
+from test_commit import assert_same_run
+
+TESTS = Path(__file__).resolve().parent
+WORKER = str(TESTS / "distributed_workers.py")
+
+
+def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS`` (a free port is
+    picked by the rendezvous), killed with its workers after ``timeout`` seconds."""
+    path = os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "UCMKD_DIST_TIMEOUT_S": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} did not finish in {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+# --------------------------------------------------------------------------- one launch, two jobs
+def _fit_config(cache_dir: str) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
+    cfg.data.synthetic = SyntheticConfig(n_items=400, num_classes=4)
+    cfg.data.cache_dir = cache_dir
+    cfg.teacher.epochs, cfg.teacher.batch_size = 4, 32
+    cfg.model.teacher_width = cfg.model.student_width = 16
+    cfg.model.teacher_feat_dim = cfg.model.student_feat_dim = 8
+    cfg.optim.epochs, cfg.optim.steps_per_epoch, cfg.optim.batch_size, cfg.optim.warmup_epochs = 3, 2, 16, 1
+    cfg.method.name, cfg.method.params = "ucmkd", {"n_iter": 10}
+    cfg.threads = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """One 2-process launch (one start-up) for two jobs:
+
+    - the step gradients of every GRAD_METHODS entry, with the 1-process reference:
+      ``grads`` = (reference, [rank 0's, rank 1's]);
+    - an uninterrupted 2-process ucmkd run from an empty cache (rank 0 trains the teacher):
+      ``fit`` = (config file, run dir, [(rank, path)] of every atomic write)."""
+    root = tmp_path_factory.mktemp("dist")
+    grad_cache, out = str(root / "grad-cache"), root / "g"
+    ref = {m: step_grads(m, grad_cache) for m in GRAD_METHODS}      # trains the teacher into the cache
+    cfg_path, writes = root / "run.yaml", root / "writes.txt"
+    save_config(_fit_config(str(root / "fit-cache")), cfg_path)
+    _ok(torchrun(WORKER, "grads", grad_cache, str(out), "+", "fit", str(cfg_path), str(root / "U"), str(writes)))
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
+    log = [tuple(line.split(" ", 1)) for line in writes.read_text().splitlines()]
+    return {"grads": (ref, ranks), "fit": (cfg_path, root / "U", log)}
+
+
+@pytest.fixture(scope="module")
+def grads(launched):
+    return launched["grads"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(launched):
+    return launched["fit"]
+
+
+# --------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("method", list(GRAD_METHODS))
+def test_two_processes_step_with_the_one_process_gradient(grads, method):
+    """Same global batch of 16, shards of 8: the gradient every rank steps with equals the
+    1-process gradient to 1e-5 relative (global norm over all parameters). The computations
+    differ only in the order of float32 sums (over shards, then across ranks; per-shard matmuls),
+    each reordered sum of n terms within n * 2^-24 of the exact one relative to the sum of the
+    magnitudes; n <= 16 items x 10 classes or 8 features per reduction gives < 1e-5. A missed
+    world-size factor, a wrong shard or a local instead of global batch statistic is off by
+    O(1): a gather whose backward keeps each rank's own gradient instead of the sum over ranks
+    fails fa-only, ucmkd-joint, mmd and ucmkd here by 17-35 % (ucmkd-bilevel's outer gradient
+    is blind to the scale of its inner gradients: AdamW's first step is scale-invariant)."""
+    ref, ranks = grads
+    g1 = ref[method]["grads"]
+    for r, res in enumerate(ranks):
+        g2 = res[method]["grads"]
+        assert res[method]["batch"] == 8 and ref[method]["batch"] == 16
+        assert [g is None for g in g2] == [g is None for g in g1]
+        num = sum(float((a - b).norm()) ** 2 for a, b in zip(g2, g1) if b is not None) ** 0.5
+        den = sum(float(b.norm()) ** 2 for b in g1 if b is not None) ** 0.5
+        assert den > 0 and num <= 1e-5 * den, f"rank {r}: relative gradient error {num / den:.2e}"
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0][method]["grads"], ranks[1][method]["grads"])
+               if a is not None), "ranks must step with identical (all-reduced) gradients"
+
+
+def test_the_ucmkd_check_covers_a_partial_confident_mask(grads):
+    """The unlabelled terms run with some, not all, items confident, so the per-shard masks and
+    the global same-class draws of ucmkd are exercised."""
+    ref, ranks = grads
+    logs = ref["ucmkd"]["logs"]
+    assert 0.0 < logs["pl_mask"] < 1.0 and "kd_u" in logs and "la_u" in logs
+    # the logged values are this rank's: their mean over ranks is the 1-process value
+    mean = (ranks[0]["ucmkd"]["logs"]["pl_mask"] + ranks[1]["ucmkd"]["logs"]["pl_mask"]) / 2
+    assert mean == pytest.approx(logs["pl_mask"], abs=1e-12)
+
+
+# --------------------------------------------------------------------------- writes, kill, resume
+def test_rank_zero_alone_writes_and_the_result_records_the_world_size(uninterrupted):
+    _, run_dir, writes = uninterrupted
+    assert {r for r, _ in writes} == {"0"}, "only rank 0 may write"
+    names = [Path(p).name for _, p in writes]
+    run = [Path(p).name for _, p in writes if Path(p).parent == run_dir]
+    assert names.count("teacher.pt") == 1          # trained by rank 0 while rank 1 waited
+    assert run.count("latest.pt") == 3 and run[:2] == ["key.json", "config.yaml"] and run[-1] == "result.json"
+    res = json.loads((run_dir / "result.json").read_text())
+    assert res["world_size"] == 2 and res["sampler"]["batch_size"] == 16
+    assert not list(run_dir.glob(".*.tmp-*"))
+
+
+def test_a_run_whose_processes_are_all_killed_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    """Rank 0 is SIGKILLed right after epoch 2's commit; torchrun then stops rank 1. The same
+    command through the CLI (``torchrun -m ucmkd train --config ... --run-dir ...``) resumes
+    and ends bit for bit where the uninterrupted run ended."""
+    cfg_path, ref, _ = uninterrupted
+    d = tmp_path / "K"
+    killed = torchrun(WORKER, "fit", str(cfg_path), str(d), str(tmp_path / "writes.txt"), "2")
+    assert killed.returncode != 0
+    assert load_checkpoint(d / "latest.pt")["epoch"] == 2 and not (d / "result.json").exists()
+    res = _ok(torchrun("-m", "ucmkd", "train", "--no-progress", "--config", str(cfg_path), "--run-dir", str(d)))
+    assert json.loads(res.stdout)["world_size"] == 2          # printed once, by rank 0
+    assert_same_run(d, ref)
