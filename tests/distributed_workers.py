@@ -4,9 +4,10 @@
 
 (tasks separated by ``+`` run one after the other in the same processes: one start-up for all)
 
-- ``grads CACHE OUT``: for every method of :data:`GRAD_METHODS`, one training step on the first
-  global batch of :func:`grad_config` with a student without batch norm
-  (:func:`no_bn_student`); every rank saves the gradients it steps with to ``OUT.rank<r>``.
+- ``grads CACHE OUT``: for every case of :data:`GRAD_CASES` (a method, under fp32 or bf16),
+  one training step on the first global batch of :func:`grad_config` with a student without
+  batch norm (:func:`no_bn_student`); every rank saves the gradients it steps with to
+  ``OUT.rank<r>``.
 - ``fit CONFIG RUN_DIR WRITES [KILL_AFTER_EPOCH]``: ``ucmkd.api.run`` of the YAML config
   into RUN_DIR; every atomic write is logged to WRITES as ``<rank> <path>``; with
   KILL_AFTER_EPOCH, rank 0 SIGKILLs itself right after that epoch's commit (torchrun then
@@ -40,8 +41,12 @@ GRAD_METHODS = {
     "ucmkd-bilevel": {"n_iter": 20, "inner_lr": 1e-2},
 }
 
+#: case -> (method, precision): every method in fp32, the paper's and the default one in bf16
+GRAD_CASES = {**{m: (m, "fp32") for m in GRAD_METHODS},
+              **{f"{m}@bf16": (m, "bf16") for m in ("ucmkd-joint", "ucmkd", "ucmkd-bilevel")}}
 
-def grad_config(method: str, cache_dir: str) -> RunConfig:
+
+def grad_config(method: str, cache_dir: str, precision: str = "fp32") -> RunConfig:
     """4-class synthetic problem, global batch 16 (8 per rank on 2 ranks), 10 labels per class."""
     cfg = RunConfig()
     cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
@@ -51,6 +56,7 @@ def grad_config(method: str, cache_dir: str) -> RunConfig:
     cfg.model.teacher_width, cfg.model.teacher_feat_dim = 16, 8
     cfg.optim.batch_size, cfg.optim.steps_per_epoch, cfg.optim.clip_norm = 16, 2, 0.0
     cfg.method.name, cfg.method.params = method, dict(GRAD_METHODS[method])
+    cfg.optim.precision = precision
     cfg.threads = 1
     return cfg
 
@@ -63,13 +69,14 @@ def no_bn_student(input_dim: int, num_classes: int) -> Classifier:
     return Classifier(enc, 6, num_classes, (input_dim,), name="student[no-bn]")
 
 
-def step_grads(method: str, cache_dir: str) -> dict:
+def step_grads(case: str, cache_dir: str) -> dict:
     """{"grads": [gradient of every trainable parameter], "logs": the step's logs} of one step on
-    the first batch (this rank's shard under torchrun), as the strategy steps with them."""
+    the first batch (this rank's shard under torchrun) in ``case`` of :data:`GRAD_CASES`, as the
+    strategy steps with them."""
     from ucmkd.api import load_pair, prepare
     from ucmkd.engine import distributed
 
-    cfg = grad_config(method, cache_dir)
+    cfg = grad_config(*GRAD_CASES[case][:1], cache_dir, GRAD_CASES[case][1])
     s, t = load_pair(cfg)          # generated in memory: no cache file
     ctx = prepare(cfg, student=s, teacher_data=t, student_model=no_bn_student(s.input_shape[0], s.num_classes))
     trainer = ctx.trainer()
@@ -92,7 +99,7 @@ def step_grads(method: str, cache_dir: str) -> dict:
 def _grads(cache_dir: str, out: str) -> None:
     from ucmkd.engine import distributed
 
-    res = {m: step_grads(m, cache_dir) for m in GRAD_METHODS}
+    res = {c: step_grads(c, cache_dir) for c in GRAD_CASES}
     torch.save(res, f"{out}.rank{distributed.init_from_env().rank}")
 
 
