@@ -8,10 +8,10 @@
   one training step on the first global batch of :func:`grad_config` with a student without
   batch norm (:func:`no_bn_student`); every rank saves the gradients it steps with to
   ``OUT.rank<r>``.
-- ``fit CONFIG RUN_DIR WRITES [KILL_AFTER_EPOCH]``: ``ucmkd.api.run`` of the YAML config
-  into RUN_DIR; every atomic write is logged to WRITES as ``<rank> <path>``; with
-  KILL_AFTER_EPOCH, rank 0 SIGKILLs itself right after that epoch's commit (torchrun then
-  stops the other rank: every process of the run is killed).
+- ``fit CONFIG RUN_DIR WRITES [KILL_AFTER_EPOCH]``: ``ucmkd train --config CONFIG --run-dir
+  RUN_DIR`` (the CLI's own ``main``); every atomic write is logged to WRITES as ``<rank>
+  <path>``; with KILL_AFTER_EPOCH, rank 0 SIGKILLs itself right after that epoch's commit
+  (torchrun then stops the other rank: every process of the run is killed).
 
 Imported by the tests too: :func:`grad_config`, :func:`no_bn_student` and :func:`step_grads`
 give the single-process reference.
@@ -105,8 +105,7 @@ def _grads(cache_dir: str, out: str) -> None:
 
 def _fit(config: str, run_dir: str, writes: str, kill_after: int | None) -> None:
     import ucmkd.cache as cache
-    from ucmkd.api import run
-    from ucmkd.config import load_config
+    from ucmkd.cli import main as cli
     from ucmkd.engine import Trainer
 
     rank = int(os.environ["RANK"])
@@ -127,7 +126,8 @@ def _fit(config: str, run_dir: str, writes: str, kill_after: int | None) -> None
                 os.kill(os.getpid(), signal.SIGKILL)
 
         Trainer._commit = commit_then_die
-    run(load_config(RunConfig, config), run_dir=run_dir)
+    if cli(["train", "--no-progress", "--config", config, "--run-dir", run_dir]) != 0:
+        sys.exit(2)
     cache._replace = orig
 
 

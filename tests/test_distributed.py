@@ -4,9 +4,10 @@ backend on CPU (tests/distributed_workers.py does the work in the processes).
 - Two processes compute the gradient one process computes on the same global batch, for a
   student without batch norm (whose statistics are per shard by design), for every method
   with a batch-level term and for ``ce``/``kd``.
-- Rank 0 alone writes (teacher cache, checkpoints, metrics, result.json, which records the
-  world size), and a run whose processes are all killed resumes, through ``torchrun -m ucmkd
-  train``, to exactly the uninterrupted 2-process result.
+- ``ucmkd train`` under torchrun: rank 0 alone writes (teacher cache, checkpoints, metrics,
+  result.json, which records the world size) and prints; a run whose processes are all killed
+  resumes, through ``ucmkd bench --nproc-per-cell 2`` (each cell in 2 processes launched by
+  torch.distributed.run), to exactly the uninterrupted 2-process result.
 
 Every launch runs under a timeout in its own process group, killed as a whole on expiry, so
 a hang can never stall the suite.
@@ -36,21 +37,32 @@ TESTS = Path(__file__).resolve().parent
 WORKER = str(TESTS / "distributed_workers.py")
 
 
-def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS`` (a free port is
-    picked by the rendezvous), killed with its workers after ``timeout`` seconds."""
+def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a session of its own, stopped after ``timeout`` seconds: SIGTERM (on
+    which torchrun stops its workers, which run in sessions of their own), then SIGKILL. A
+    worker left behind would give up within UCMKD_DIST_TIMEOUT_S in its next collective."""
     path = os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "UCMKD_DIST_TIMEOUT_S": "60"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    cmd = [sys.executable, *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun {' '.join(args)} did not finish in {timeout} s:\n{err[-3000:]}")
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args[:6])} did not finish in {timeout} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS`` (the rendezvous
+    picks a free port)."""
+    return launch("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args)
 
 
 def _ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -180,10 +192,10 @@ def launched(tmp_path_factory):
     ref = {c: step_grads(c, grad_cache) for c in GRAD_CASES}      # trains the teacher into the cache
     cfg_path, writes = root / "run.yaml", root / "writes.txt"
     save_config(_fit_config(str(root / "fit-cache")), cfg_path)
-    _ok(torchrun(WORKER, "grads", grad_cache, str(out), "+", "fit", str(cfg_path), str(root / "U"), str(writes)))
+    res = _ok(torchrun(WORKER, "grads", grad_cache, str(out), "+", "fit", str(cfg_path), str(root / "U"), str(writes)))
     ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
     log = [tuple(line.split(" ", 1)) for line in writes.read_text().splitlines()]
-    return {"grads": (ref, ranks), "fit": (cfg_path, root / "U", log)}
+    return {"grads": (ref, ranks), "fit": (cfg_path, root / "U", log, res.stdout)}
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +266,10 @@ def test_the_ucmkd_check_covers_a_partial_confident_mask(grads):
 
 
 # --------------------------------------------------------------------------- writes, kill, resume
-def test_rank_zero_alone_writes_and_the_result_records_the_world_size(uninterrupted):
-    _, run_dir, writes = uninterrupted
+def test_rank_zero_alone_writes_and_prints_and_the_result_records_the_world_size(uninterrupted):
+    _, run_dir, writes, stdout = uninterrupted
+    printed = json.loads(stdout)            # one JSON document: rank 0's
+    assert printed["world_size"] == 2 and printed["key"] == json.loads((run_dir / "result.json").read_text())["key"]
     assert {r for r, _ in writes} == {"0"}, "only rank 0 may write"
     names = [Path(p).name for _, p in writes]
     run = [Path(p).name for _, p in writes if Path(p).parent == run_dir]
@@ -267,14 +281,28 @@ def test_rank_zero_alone_writes_and_the_result_records_the_world_size(uninterrup
 
 
 def test_a_run_whose_processes_are_all_killed_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
-    """Rank 0 is SIGKILLed right after epoch 2's commit; torchrun then stops rank 1. The same
-    command through the CLI (``torchrun -m ucmkd train --config ... --run-dir ...``) resumes
-    and ends bit for bit where the uninterrupted run ended."""
-    cfg_path, ref, _ = uninterrupted
+    """Rank 0 is SIGKILLed right after epoch 2's commit; torchrun then stops rank 1. The run
+    directory, placed as the cell of a one-cell suite, is resumed by ``ucmkd bench
+    --nproc-per-cell 2`` (its cell relaunched in 2 processes) and ends bit for bit where the
+    uninterrupted run ended; the suite's results row records the 2 processes."""
+    import shutil
+
+    import yaml
+
+    cfg_path, ref, _, _ = uninterrupted
     d = tmp_path / "K"
     killed = torchrun(WORKER, "fit", str(cfg_path), str(d), str(tmp_path / "writes.txt"), "2")
     assert killed.returncode != 0
     assert load_checkpoint(d / "latest.pt")["epoch"] == 2 and not (d / "result.json").exists()
-    res = _ok(torchrun("-m", "ucmkd", "train", "--no-progress", "--config", str(cfg_path), "--run-dir", str(d)))
-    assert json.loads(res.stdout)["world_size"] == 2          # printed once, by rank 0
-    assert_same_run(d, ref)
+    base = yaml.safe_load(cfg_path.read_text())
+    suite = {"name": "resume", "out_dir": str(tmp_path / "bench"), "base": base, "methods": ["ucmkd"],
+             "baseline": "ucmkd", "method_params": {"ucmkd": base["method"]["params"]}, "seeds": [base["seed"]],
+             "settings": {"s": {}}}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    cell = tmp_path / "bench" / "runs" / "s" / "ucmkd" / f"seed{base['seed']}"
+    shutil.copytree(d, cell)
+    _ok(launch("-m", "ucmkd", "bench", str(tmp_path / "suite.yaml"), "--nproc-per-cell", "2", "--no-progress"))
+    assert_same_run(cell, ref)
+    assert not list(cell.parent.glob("*.stale-*")), "the killed run must be resumed, not set aside"
+    rows = [json.loads(line) for line in (tmp_path / "bench" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["world_size"] == 2

@@ -193,16 +193,20 @@ def _write_summary(rows: list[dict], path: Path) -> None:
 
 
 def run_suite(suite: SuiteConfig, out_dir: str | Path | None = None, only: str | None = None,
-              workers: int | None = None, progress: bool = True, log=print) -> dict:
+              workers: int | None = None, progress: bool = True, log=print,
+              nproc_per_cell: int | None = None) -> dict:
     """Run (or resume) ``suite``, restricted to the settings matching ``only``; report everything
-    finished so far. Returns {results, rows, tables, out_dir, seconds}."""
+    finished so far. ``workers`` cells run side by side; ``nproc_per_cell`` > 1 trains every cell
+    data-parallel in that many processes (default: the suite's fields). Returns {results, rows,
+    tables, out_dir, seconds}."""
     out = Path(out_dir or suite.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     now, all_cells = suite_cells(suite, out, only)
     save_config(suite, out / "suite.yaml")
     t0 = time.time()
     store = ResultStore(out / "results.jsonl")
-    run_cells(now, store, workers=workers or suite.workers, progress=progress, log=log)
+    run_cells(now, store, workers=workers or suite.workers, progress=progress, log=log,
+              nproc_per_cell=nproc_per_cell or suite.nproc_per_cell)
     results = store.rows_for(all_cells)
     rep = report(suite, results, out)
     seconds = time.time() - t0

@@ -1,8 +1,9 @@
 """Command-line interface: a thin layer over :mod:`ucmkd.api` and :mod:`ucmkd.experiment`.
 
-    ucmkd run digits [--quick] [--out DIR] [key=value ...]
-    ucmkd bench quick [--only PATTERNS] [--workers N] [--out DIR] [key=value ...]
+    ucmkd run digits [--quick] [--out DIR] [--nproc-per-cell N] [key=value ...]
+    ucmkd bench quick [--only PATTERNS] [--workers N] [--nproc-per-cell N] [--out DIR] [key=value ...]
     ucmkd train [--config FILE] [--run-dir DIR] [recipe=NAME] [key=value ...]
+    torchrun --standalone --nproc_per_node=N -m ucmkd train ...     (data-parallel, docs/scaling.md)
     ucmkd train-teacher [--config FILE] [key=value ...]
     ucmkd list
 """
@@ -24,14 +25,26 @@ def experiment_path(name: str):
     return resolve_yaml("ucmkd.configs", name, "experiment")
 
 
+def _not_under_torchrun(command: str) -> None:
+    import os
+
+    from .errors import ConfigError
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ConfigError(f"ucmkd {command} starts its runs itself: launch it without torchrun, and give "
+                          f"--nproc-per-cell N to train every run in N processes")
+
+
 def _cmd_run(a) -> int:
     from .config import ExperimentConfig, load_config
     from .experiment import apply_quick, run_experiment
 
+    _not_under_torchrun("run")
     exp = load_config(ExperimentConfig, experiment_path(a.experiment), a.overrides)
     if a.quick:
         exp = apply_quick(exp)
-    run_experiment(exp, out_dir=a.out, progress=not a.no_progress, workers=a.workers)
+    run_experiment(exp, out_dir=a.out, progress=not a.no_progress, workers=a.workers,
+                   nproc_per_cell=a.nproc_per_cell)
     return 0
 
 
@@ -39,8 +52,10 @@ def _cmd_bench(a) -> int:
     from .bench import run_suite, suite_path
     from .config import SuiteConfig, load_config
 
+    _not_under_torchrun("bench")
     suite = load_config(SuiteConfig, suite_path(a.suite), a.overrides)
-    run_suite(suite, out_dir=a.out, only=a.only, workers=a.workers, progress=not a.no_progress)
+    run_suite(suite, out_dir=a.out, only=a.only, workers=a.workers, progress=not a.no_progress,
+              nproc_per_cell=a.nproc_per_cell)
     return 0
 
 
@@ -113,6 +128,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="the ~1-minute smoke version")
     r.add_argument("--out", default=None, help="output directory (default: the experiment's out_dir)")
     r.add_argument("--workers", type=int, default=1, help="parallel worker processes (1 thread each)")
+    r.add_argument("--nproc-per-cell", type=int, default=1,
+                   help="train every run data-parallel in N processes (torchrun; docs/scaling.md)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] base.optim.epochs=20")
     r.set_defaults(fn=_cmd_run)
@@ -123,6 +140,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("suite", help=f"built-in suite ({', '.join(builtin_suites())}) or a YAML file")
     b.add_argument("--only", default=None, help="comma-separated glob patterns of setting names to run now")
     b.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: the suite's)")
+    b.add_argument("--nproc-per-cell", type=int, default=None,
+                   help="train every run data-parallel in N processes (torchrun; default: the suite's "
+                   "nproc_per_cell; docs/scaling.md)")
     b.add_argument("--out", default=None, help="output directory (default: the suite's out_dir)")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] base.optim.epochs=20")

@@ -266,7 +266,8 @@ class SuiteConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     settings: dict = field(default_factory=dict)        # name -> SettingConfig fields
     baseline: str = "ce"
-    workers: int = ranged(1, 1)
+    workers: int = ranged(1, 1)              # cells run side by side
+    nproc_per_cell: int = ranged(1, 1)       # > 1: each cell trains data-parallel in this many processes (torchrun)
     headline: HeadlineConfig = field(default_factory=HeadlineConfig)
 
 

@@ -47,9 +47,10 @@ def experiment_cells(exp: ExperimentConfig, out: Path) -> list[Cell]:
 
 
 def run_experiment(exp: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
-                   workers: int = 1, log=print) -> dict:
+                   workers: int = 1, log=print, nproc_per_cell: int = 1) -> dict:
     """Run the grid, write ``results.csv``, ``results.jsonl``, ``table.md``, ``plot.png`` and
-    ``experiment.yaml`` to ``out_dir``; finished runs found there are reused.
+    ``experiment.yaml`` to ``out_dir``; finished runs found there are reused. ``workers`` cells
+    run side by side, each in ``nproc_per_cell`` data-parallel processes.
     Returns {results, rows, table, out_dir}."""
     validate_experiment(exp)
     out = Path(out_dir or exp.out_dir)
@@ -57,7 +58,7 @@ def run_experiment(exp: ExperimentConfig, out_dir: str | Path | None = None, pro
     save_config(exp, out / "experiment.yaml")
     t_start = time.time()
     results = run_cells(experiment_cells(exp, out), ResultStore(out / "results.jsonl"), workers=workers,
-                        progress=progress, log=log)
+                        progress=progress, log=log, nproc_per_cell=nproc_per_cell)
     rows = summarise(results)
     table = markdown_table(rows, exp.methods)
     diag = diagnostics_table(results, exp.methods)

@@ -1,14 +1,21 @@
 """The grid engine shared by ``ucmkd run`` and ``ucmkd bench``: cells (setting x method x
 seed) run once each, optionally in parallel worker processes, with every finished run
 appended to a JSONL results store so that an interrupted grid resumes where it stopped.
+
+A cell may also train data-parallel in N processes of its own (``nproc_per_cell``): it is
+launched with PyTorch's launcher, ``python -m torch.distributed.run --standalone
+--nproc_per_node=N -m ucmkd.cell``, and its result read from the ``result.json`` rank 0
+writes. ``workers`` such cells run side by side (``workers x N`` processes in all).
 """
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -186,10 +193,11 @@ def _context(cfg: RunConfig, train_teacher: bool = True):
     cache) for every method, so that teacher-free methods get their alignment diagnostics too;
     ``train_teacher=False``: an untrained one (preflight)."""
     from .api import prepare
-    from .engine import get_teacher
+    from .engine import distributed, get_teacher
 
-    student, teacher_data = _load(cfg)
-    teacher, info = get_teacher(cfg, teacher_data) if train_teacher else (None, None)
+    with distributed.rank_zero_first(distributed.init_from_env(cfg.device)):   # a cell under torchrun
+        student, teacher_data = _load(cfg)
+        teacher, info = get_teacher(cfg, teacher_data) if train_teacher else (None, None)
     return prepare(cfg, student=student, teacher_data=teacher_data, teacher=teacher, teacher_info=info,
                    train_teacher=train_teacher)
 
@@ -218,6 +226,27 @@ def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
     return res
 
 
+def _run_cell_torchrun(cfg_dict: dict, run_dir: str, nproc: int) -> dict:
+    """Train one cell in ``nproc`` data-parallel processes (``torch.distributed.run`` in a
+    subprocess running :mod:`ucmkd.cell`) and return the result rank 0 wrote. A failure raises
+    a UcmkdError with the processes' own error message."""
+    from .cache import read_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "cell.json"
+        spec.write_text(json.dumps(cfg_dict, default=str))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "ucmkd.cell", str(spec), str(run_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    res = read_json(Path(run_dir) / "result.json", "run result") if proc.returncode == 0 else None
+    if res is None:
+        said = [line for line in proc.stderr.splitlines() if line.startswith("ucmkd: error: ")]
+        why = said[-1][len("ucmkd: error: "):] if said else "\n".join(proc.stderr.splitlines()[-15:])
+        raise UcmkdError(f"the run in {nproc} processes ({' '.join(cmd[2:7])}) failed with exit code "
+                         f"{proc.returncode}: {why}")
+    return res
+
+
 def preflight(cells: list[Cell]) -> None:
     """Prepare every (setting, method) with an untrained teacher before any training
     (:func:`ucmkd.api.prepare`: data, models, distiller, pairing sampler, ``needs_pairs``), so
@@ -234,12 +263,16 @@ def preflight(cells: list[Cell]) -> None:
 
 
 def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress: bool = True,
-              log: Callable = print) -> list[dict]:
+              log: Callable = print, nproc_per_cell: int = 1) -> list[dict]:
     """Run every cell not yet in ``store`` and return the store rows of all ``cells``.
 
     Teachers are trained (or loaded from the cache) first, in this process; then the cells
-    run, in ``workers`` spawned processes of one thread each when ``workers > 1``.
+    run, in ``workers`` spawned processes of one thread each when ``workers > 1``. With
+    ``nproc_per_cell`` N > 1 every cell trains data-parallel in N processes of its own
+    (torchrun; the global batch is the config's ``optim.batch_size``), ``workers`` cells side by side.
     """
+    if nproc_per_cell < 1:
+        raise ConfigError(f"nproc_per_cell: expected a value >= 1, got {nproc_per_cell}")
     todo = [c for c in cells if store.find(c, data_fingerprints(c.cfg)) is None]
     preflight(todo)
     if len(todo) < len(cells):
@@ -268,7 +301,23 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
         bar.update(1)
         bar.set_postfix_str(f"{cell.setting} {cell.label} s{cell.seed}: {100 * res['test_acc']:.1f}%")
 
-    if workers <= 1 or len(todo) <= 1:
+    if nproc_per_cell > 1:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:    # each thread waits on one torchrun
+            futures = {pool.submit(_run_cell_torchrun, to_dict(c.cfg), str(c.run_dir), nproc_per_cell): c
+                       for c in todo}
+            try:
+                for fut in as_completed(futures):
+                    cell = futures[fut]
+                    try:
+                        res = fut.result()
+                    except UcmkdError as e:
+                        raise type(e)(f"setting {cell.setting!r}, method {cell.label!r}, seed {cell.seed}: "
+                                      f"{e}") from None
+                    record(cell, res)
+            finally:
+                for fut in futures:
+                    fut.cancel()
+    elif workers <= 1 or len(todo) <= 1:
         for c in todo:
             record(c, _run_cell(to_dict(c.cfg), str(c.run_dir), None))
     else:
