@@ -298,6 +298,7 @@ def digits_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("digits_cache")   # one teacher shared by both runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,loss", [("reviewkd", "hcl"), ("c2kd", "kd_t2s")])
 def test_end_to_end_digits(name, loss, digits_cache, tmp_path):
     cfg = RunConfig()

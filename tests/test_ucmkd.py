@@ -329,6 +329,7 @@ def test_ucmkd_report_tables():
     assert "-21.0" in abl and "-2.0 [-2.0, -2.0]" in abl
 
 
+@pytest.mark.slow
 def test_ablation_and_stress_suites_load_and_share_full_cells(tmp_path):
     """The ablation suite removes one ingredient per variant and its ucmkd/ce cells are those of
     `full` (same store keys), so copying full's results store reuses them."""
