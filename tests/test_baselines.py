@@ -1,6 +1,5 @@
 """Baseline distillers (dkd, fitnet, fa-only, mmd, norm, paired-kd) and their loss functions."""
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -41,31 +40,6 @@ NORM_GOLDEN = 0.500000
 
 def _params(name):
     return {"n_iter": 10} if name == "fa-only" else {}
-
-
-# ----------------------------------------------------------------------------- contract
-@pytest.mark.parametrize("name", BASELINES)
-@pytest.mark.parametrize("student_feat", [8, 6])
-def test_baseline_contract(name, student_feat):
-    teacher, student, batch = tiny(student_feat)
-    d = build_distiller(name, student, teacher, _params(name))
-    d.train()
-    d.progress = 0.5   # past dkd's warm-up, so every loss term is live
-    assert not d.teacher.training, "teacher must stay in eval mode"
-    t_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
-    out = d(batch)
-    assert out.logits.shape == (10, 3)
-    assert "ce" in out.losses and len(out.losses) >= 2
-    assert all(v.dim() == 0 and math.isfinite(float(v.detach())) for v in out.losses.values())
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
-    logs = STRATEGIES.get(d.strategy)(d, opt, 5.0).step(batch)
-    assert all(math.isfinite(v) for v in logs.values())
-    grads = [p.grad for p in student.encoder.parameters() if p.grad is not None]
-    assert grads and any(float(g.abs().sum()) > 0 for g in grads), "no gradient reached the student"
-    assert all(p.grad is None for p in d.teacher.parameters()), "teacher received a gradient"
-    assert not d.teacher.training
-    for k, v in d.teacher.state_dict().items():
-        assert torch.equal(v, t_before[k]), f"teacher {k} changed"
 
 
 def test_registration_flags():

@@ -10,12 +10,13 @@ from scipy.stats import kendalltau
 from ucmkd.api import run
 from ucmkd.config import RunConfig
 from ucmkd.data.pairing import Batch
-from ucmkd.engine.strategies import STRATEGIES
 from ucmkd.errors import ConfigError
 from ucmkd.losses.c2kd import drop_target, kendall_tau, selected_kl
 from ucmkd.losses.reviewkd import hcl, hcl_pair
 from ucmkd.methods import build_distiller
 from ucmkd.models import build_classifier
+
+from helpers import check_contract
 
 HCL_GOLDEN = 2.011506   # hcl(HCL_PAIRS) in float64, pinned to 6 decimals
 
@@ -35,23 +36,9 @@ def batch_for(s, t, n=10, k=3, seed=1):
     return Batch(torch.randn(n, *s.input_shape, generator=g), y, torch.randn(n, *t.input_shape, generator=g), y)
 
 
-def check_contract(d, batch):
-    d.train()
-    assert not d.teacher.training
-    t_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
-    out = d(batch)
-    assert out.logits.shape == (batch.xs.shape[0], d.student.num_classes)
-    assert "ce" in out.losses
-    assert all(torch.is_tensor(v) and v.dim() == 0 and math.isfinite(float(v.detach())) for v in out.losses.values())
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
-    logs = STRATEGIES.get(d.strategy)(d, opt, 5.0).step(batch)
-    assert all(math.isfinite(v) for v in logs.values())
-    grads = [p.grad for p in d.student.encoder.parameters() if p.grad is not None]
-    assert grads and any(float(g.abs().sum()) > 0 for g in grads), "no gradient reached the student"
-    assert all(p.grad is None for p in d.teacher.parameters()), "teacher received a gradient"
-    assert not d.teacher.training
-    for k, v in d.teacher.state_dict().items():
-        assert torch.equal(v, t_before[k]), f"teacher {k} changed"
+def check_extras(d, batch):
+    """The generic contract (helpers.check_contract), and every extra module gets a gradient."""
+    check_contract(d, batch)
     extra_grads = [p.grad for p in d.extra.parameters()]
     assert extra_grads and all(g is not None for g in extra_grads), "an extra module got no gradient"
 
@@ -78,7 +65,7 @@ def test_reviewkd_contract(student, teacher, conv):
         outs = d.review(s.encoder.forward_stages(b.xs))
         t_maps = t.encoder.forward_stages(b.xt)[-n_pairs:]
     assert [o.shape[1] for o in outs] == [m.shape[1] for m in t_maps]
-    check_contract(d, b)
+    check_extras(d, b)
 
 
 def test_reviewkd_warmup_ramps_linearly():
@@ -196,7 +183,7 @@ def test_c2kd_contract():
     s, t = models(k=5)
     d = build_distiller("c2kd", s, t, {"krc": -1.0})
     assert {"student_proxy", "teacher_proxy"} <= set(d.extra) and "projector" not in d.extra
-    check_contract(d, batch_for(s, t, k=5))
+    check_extras(d, batch_for(s, t, k=5))
 
 
 def _proxies(d, b):

@@ -109,30 +109,16 @@ def test_label_cost_moves_mass_within_classes():
 
 
 # ----------------------------------------------------------------------------- methods
-@pytest.mark.parametrize("name", ["ucmkd", "pseudo-label"])
-@pytest.mark.parametrize("student_feat", [8, 6])
-def test_contract(name, student_feat):
-    teacher, student, batch = tiny(student_feat)
-    cls = METHODS.get(name)
-    d = build_distiller(name, student, teacher if cls.uses_teacher else None,
-                        {"n_iter": 10} if name == "ucmkd" else {})
+def test_ucmkd_has_every_term_when_all_unlabelled_items_are_confident():
+    """(The generic contract over every method is tests/test_methods.py::test_method_contract.)"""
+    teacher, student, batch = tiny(6)
+    d = build_distiller("ucmkd", student, teacher, {"n_iter": 10})
     d.train()
     d.progress = 0.5
-    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    if name == "ucmkd":
-        d.extra["prior"].threshold.fill_(0.0)       # every unlabelled item counts
+    d.extra["prior"].threshold.fill_(0.0)       # every unlabelled item counts
     out = d(batch)
-    assert out.logits.shape == (10, 3)
-    assert all(math.isfinite(float(v.detach())) for v in out.losses.values())
-    if name == "ucmkd":
-        assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u", "ce_fallback"} <= set(out.losses)
-        assert out.metrics["pl_mask"] == 1.0
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
-    STRATEGIES.get(d.strategy)(d, opt, 5.0).step(batch)
-    assert any(float(p.grad.abs().sum()) > 0 for p in student.encoder.parameters() if p.grad is not None)
-    assert all(p.grad is None for p in teacher.parameters())
-    for k, v in teacher.state_dict().items():
-        assert torch.equal(v, t_before[k])
+    assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u", "ce_fallback"} <= set(out.losses)
+    assert out.metrics["pl_mask"] == 1.0
 
 
 def test_pseudo_label_loss_value():
