@@ -11,11 +11,12 @@ from ucmkd.api import run
 from ucmkd.config import RunConfig
 from ucmkd.data.pairing import Batch
 from ucmkd.errors import ConfigError
-from ucmkd.losses.c2kd import drop_target, kendall_tau, selected_kl
+from ucmkd.losses.c2kd import drop_target, kendall_tau
 from ucmkd.losses.reviewkd import hcl, hcl_pair
 from ucmkd.methods import build_distiller
 from ucmkd.models import build_classifier
 
+import references as ref
 from helpers import check_contract
 
 HCL_GOLDEN = 2.011506   # hcl(HCL_PAIRS) in float64, pinned to 6 decimals
@@ -76,12 +77,12 @@ def test_reviewkd_warmup_ramps_linearly():
     d.progress = 1.0
     full = d(b).losses["hcl"]
     d.progress = 0.25
-    assert torch.allclose(d(b).losses["hcl"], 0.5 * full)
+    assert torch.equal(d(b).losses["hcl"], 0.5 * full)       # weights 0.5 and 2: exact scalings
     d.progress = 0.0
     assert float(d(b).losses["hcl"].detach()) == 0.0
     with torch.no_grad():
         raw = hcl(d.review(s.encoder.forward_stages(b.xs)), t.encoder.forward_stages(b.xt)[-d.n_pairs:])
-    assert torch.allclose(full, 2.0 * raw)
+    assert torch.equal(full, 2.0 * raw)
 
 
 @pytest.mark.parametrize("side", ["student", "teacher"])
@@ -206,7 +207,7 @@ def test_c2kd_filter(krc):
     tau = np.array([kendalltau(np.delete(tl, y), np.delete(sl, y))[0]
                     for tl, sl, y in zip(t_logits.numpy(), logits.detach().numpy(), ys)])
     keep = np.ones(16, bool) if krc <= -1 else tau > krc
-    assert float(d.kept_fraction) == pytest.approx(keep.mean())
+    assert float(d.kept_fraction) == keep.mean()        # k / 16: exact in float32
 
     def softmax(v):
         e = np.exp(v - v.max())
@@ -223,8 +224,12 @@ def test_c2kd_filter(krc):
     sp, tp = s_proxy.detach().numpy(), t_proxy.detach().numpy()
     exp_t2s, exp_s2t = 0.5 * nt_kl(sp, tp), 0.5 * nt_kl(tp, sp)
     kd_t2s, kd_s2t = float(out.losses["kd_t2s"].detach()), float(out.losses["kd_s2t"].detach())
-    assert kd_t2s == pytest.approx(exp_t2s, abs=1e-6)
-    assert kd_s2t == pytest.approx(exp_s2t, abs=1e-6)
+    # float32: each KL row takes ~20 roundings of terms summing to T^2 sum p (|log p| + |log q|)
+    # <= T^2 * 2 (2 max|logit| / T + log(K - 1)); weight 0.5, kept rows / B
+    lmax = float(np.abs(np.concatenate([sp, tp])).max())
+    scale = 0.5 * 4.0 * 2 * (lmax + np.log(k - 1)) * keep.sum() / 16
+    assert kd_t2s == pytest.approx(exp_t2s, abs=ref.f32_bound(20, scale))
+    assert kd_s2t == pytest.approx(exp_s2t, abs=ref.f32_bound(20, scale))
     if krc == 1.0:
         assert not keep.any()
         assert kd_t2s == 0.0 and kd_s2t == 0.0
@@ -232,7 +237,6 @@ def test_c2kd_filter(krc):
         out.total.backward()   # still part of the graph
     elif krc == -1.0:
         assert keep.all() and kd_t2s > 0
-        assert torch.allclose(out.losses["kd_t2s"], 0.5 * selected_kl(s_proxy, t_proxy, 2.0, None, b.ys))
     else:
         assert 0 < keep.sum() < 16, "seed should give a mixed filter"
 
