@@ -398,3 +398,56 @@ def test_preflight_applies_needs_pairs_before_any_teacher_trains(tmp_path, monke
                                        "base": {"data": {"synthetic": {"n_items": 240, "num_classes": 4}}}})
     with pytest.raises(ConfigError, match=r"method 'paired-kd'.*needs pairing.mode: paired, got 'class-matched'"):
         run_experiment(exp, tmp_path / "out", progress=False, log=lambda *a: None)
+
+
+def test_bad_pairing_fails_before_any_teacher_trains(tmp_path, monkeypatch):
+    import ucmkd.api as api
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a teacher was trained before the config was checked")
+
+    monkeypatch.setattr(api, "get_teacher", no_teacher)
+    with pytest.raises(ConfigError, match=r"unknown pairing.mode 'bogus'; known: class-matched, unpaired, paired"):
+        run(_model_cfg(tmp_path, "pairing.mode=bogus"))
+
+
+def test_checkpoint_of_an_older_format(tmp_path):
+    from ucmkd.api import prepare
+
+    cfg = _model_cfg(tmp_path, "method.name=ce")
+    ctx = prepare(cfg)
+    d = tmp_path / "run"
+    save_checkpoint({"config_hash": ctx.key, "model": {}, "best": {}}, d / "latest.pt")   # format 1: no "format"
+    with pytest.raises(DataError, match=r"latest.pt: checkpoint format 1 \(an older ucmkd\).*fresh run directory"):
+        run(cfg, run_dir=d)
+
+
+def test_every_row_of_the_error_matrix_has_a_test():
+    """docs/errors.md: each row names the test that produces its error text."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| ") and "::test_" in line]
+    assert len(rows) >= 40
+    for row in rows:
+        for module, name in re.findall(r"`tests/(test_\w+)\.py::(test_\w+)", row):
+            assert hasattr(importlib.import_module(module), name), f"{module}::{name} (docs/errors.md) does not exist"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.name=ucmkd-joint", "method.params.metric=l3"], "l3"),
+    (["data.teacher=digits/image", "data.student=digits/signal", "data.mnist1d_samples=600", "pairing.mode=paired"],
+     r"pairing.mode 'paired' needs true pairs"),
+    (["method.name=reviewkd"], r"ReviewKD needs multi-stage feature maps"),
+])
+def test_run_mistakes_fail_before_the_teacher_trains(tmp_path, monkeypatch, overrides, message):
+    import ucmkd.api as api
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a teacher was trained before the run was checked")
+
+    monkeypatch.setattr(api, "get_teacher", no_teacher)
+    with pytest.raises(UcmkdError, match=message):
+        run(_model_cfg(tmp_path, *overrides))
