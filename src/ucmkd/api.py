@@ -10,6 +10,7 @@ the user brings) into a :class:`RunContext`, validating everything before anythi
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ import torch
 from .cache import clean_tmp, content_key, model_signature, read_json, signature_diff, state_digest, write_json
 from .config import RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
+from .data.pairing import validate_pairing
 from .engine import Trainer, evaluate, get_teacher, seed_everything
 from .errors import ConfigError, DataError
 from .methods import METHODS
@@ -162,6 +164,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
     check_device(cfg.device)
+    validate_pairing(cfg.pairing)      # before any data is loaded or teacher trained
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
     if student is None or (teacher_data is None and method_cls.uses_teacher):
@@ -178,6 +181,9 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         check_model(teacher, teacher_data, "teacher")
     elif method_cls.uses_teacher:
         if train_teacher:
+            # the whole run checked with an untrained teacher first: a mistake in the method's
+            # params or the pairing must not wait for a teacher to train
+            prepare(cfg, student, teacher_data, student_model=copy.deepcopy(student_model), train_teacher=False)
             teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
         else:
             from .engine.teacher import build_teacher_model
