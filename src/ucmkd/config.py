@@ -116,6 +116,9 @@ class DataConfig:
     spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
     av: AVConfig = field(default_factory=AVConfig)
+    standardize: str = "auto"         # auto (per_feature for vectors, global otherwise) | per_feature | global | none (docs/data.md)
+
+    CHOICES: ClassVar[dict] = {"standardize": ("auto", "per_feature", "global", "none")}
 
 
 @dataclass

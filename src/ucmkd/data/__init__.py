@@ -5,6 +5,7 @@ from . import spoken  # noqa: F401
 from .base import (DATASETS, ModalityData, RawModality, cache_dir, check_compatible, load_modality,
                    make_splits, register_dataset)
 from .pairing import MODES, PRESETS, Batch, PairingSampler, imbalance_keep
+from .standardize import Standardizer
 
 __all__ = ["DATASETS", "ModalityData", "RawModality", "cache_dir", "check_compatible", "load_modality",
-           "make_splits", "register_dataset", "MODES", "PRESETS", "Batch", "PairingSampler", "imbalance_keep"]
+           "make_splits", "register_dataset", "MODES", "PRESETS", "Batch", "PairingSampler", "imbalance_keep", "Standardizer"]
