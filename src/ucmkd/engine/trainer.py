@@ -235,7 +235,7 @@ class Trainer:
                 if better:
                     self.best[name] = cur
                     improved.append(name)
-            row.update(self.distiller.calibrate(*self._eval["val"]))
+            row.update(self.distiller.end_epoch(*self._eval["val"], dict(row)))
             self.history.append(row)
             for name in improved:   # weights after calibration (it may set the student's buffers)
                 self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
