@@ -397,3 +397,25 @@ def test_shadow_retires_only_after_a_clear_lead_in_consecutive_epochs():
     d2 = build_distiller("ucmkd", tiny(8)[1], teacher, {})
     d2.load_trainable_state_dict(state)
     assert list(d2.candidates()) == ["student"]
+
+
+def test_a_retired_shadow_stays_retired_across_resume(tmp_path):
+    """End to end on digits: the shadow retires mid-run (the trainer then validates the student
+    only), and a run interrupted right after retirement resumes to the uninterrupted result."""
+    from ucmkd import RunConfig
+    from ucmkd.api import prepare, run
+
+    cfg = RunConfig()
+    cfg.method.name, cfg.optim.epochs, cfg.teacher.epochs = "ucmkd", 6, 3
+    cfg.method.params = {"n_iter": 20, "retire_after": 0.0, "retire_z": 1.0, "retire_epochs": 1}
+    full = run(cfg, run_dir=tmp_path / "full")
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    retired = [r["epoch"] for r in rows if r.get("shadow_active") == 0.0]
+    assert len(retired) == 1 and retired[0] < cfg.optim.epochs, "the shadow should retire once, mid-run"
+    assert all("fallback_val_acc" not in r for r in rows if r["epoch"] > retired[0])
+    assert full["selected"] == "student"
+    ctx = prepare(cfg)
+    ctx.trainer(tmp_path / "cut").fit(stop_after=retired[0])
+    resumed = run(cfg, run_dir=tmp_path / "cut")
+    for k in ("test_acc", "val_acc", "best_epoch", "selected", "candidates", "diag_fa", "diag_teacher_head_acc"):
+        assert resumed[k] == full[k], k
