@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
+from ..losses.kd import kd_kl
 from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
@@ -61,6 +62,7 @@ class UCMKD(Distiller):
         kd_alpha: float = 1.0       # TCKD weight inside the KD term
         kd_beta: float = 8.0        # NCKD weight inside the KD term
         temperature: float = 4.0
+        kd_loss: str = "dkd"        # dkd: kd_alpha * TCKD + kd_beta * NCKD | kl: Hinton's T^2 KL
         kd_target: str = "item"     # item: a same-class teacher item of the batch | mean: class-mean logits
         w_la: float = 1.0           # CE of the frozen teacher head on (projected) student features
         w_fa: float = 1.0           # label-aware OT between student and teacher features
@@ -93,6 +95,8 @@ class UCMKD(Distiller):
                               f"retire_epochs >= 1; got {p.retire_after}, {p.retire_z}, {p.retire_epochs}")
         if p.u_forward not in ("joint", "separate"):
             raise ConfigError(f"method 'ucmkd': u_forward must be 'joint' or 'separate', got {p.u_forward!r}")
+        if p.kd_loss not in ("dkd", "kl"):
+            raise ConfigError(f"method 'ucmkd': kd_loss must be 'dkd' or 'kl', got {p.kd_loss!r}")
         if p.kd_target not in ("item", "mean"):
             raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
         self.fa = make_fa(p)
@@ -198,11 +202,14 @@ class UCMKD(Distiller):
         return target
 
     def _class_kd(self, logits: torch.Tensor, y: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
-        """Decoupled KD of logits [B, K] towards teacher logits t_target [B, K] for classes y [B]."""
+        """KD of logits [B, K] towards teacher logits t_target [B, K] for classes y [B]: decoupled
+        (``kd_loss: dkd``, alpha * TCKD + beta * NCKD) or Hinton's T^2 KL (``kd_loss: kl``)."""
         p = self.params
         known = self.extra["protos"].known(y)
         if not known.any():
             return logits.sum() * 0.0
+        if p.kd_loss == "kl":
+            return kd_kl(logits[known], t_target[known], p.temperature) * known.float().mean()
         tckd, nckd = dkd_terms(logits[known], t_target[known], y[known], p.temperature)
         return (p.kd_alpha * tckd + p.kd_beta * nckd) * known.float().mean()
 
