@@ -15,6 +15,7 @@ others wait, and only rank 0 writes the run directory.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ import torch
 from .cache import clean_tmp, content_key, model_signature, read_json, signature_diff, state_digest, write_json
 from .config import RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
+from .data.pairing import validate_pairing
+from .data.standardize import NORMALISATION_FILE, normalisation_entry
 from .engine import Trainer, distributed, evaluate, get_teacher, seed_everything
 from .errors import ConfigError, DataError, UcmkdError
 from .methods import METHODS
@@ -179,6 +182,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     check_device(cfg.device)
     dp = distributed.init_from_env(cfg.device)
     device = distributed.device_for(dp, cfg.device)
+    validate_pairing(cfg.pairing)      # before any data is loaded or teacher trained
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
     with distributed.rank_zero_first(dp):
@@ -196,6 +200,9 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
             check_model(teacher, teacher_data, "teacher")
         elif method_cls.uses_teacher:
             if train_teacher:
+                # the whole run checked with an untrained teacher first: a mistake in the method's
+                # params or the pairing must not wait for a teacher to train
+                prepare(cfg, student, teacher_data, student_model=copy.deepcopy(student_model), train_teacher=False)
                 teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress and (dp is None or dp.is_main))
             else:
                 from .engine.teacher import build_teacher_model
@@ -242,7 +249,9 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
 
     Data, teacher and student model may be passed in (bring your own); otherwise they are
     built from ``cfg`` (:func:`prepare`). With ``run_dir`` the run is checkpointed there, its
-    resolved config saved as ``config.yaml`` and its key as ``key.json``; an interrupted run
+    resolved config saved as ``config.yaml``, its key as ``key.json`` and the standardisation
+    of both modalities as ``normalisation.json`` (:meth:`ucmkd.data.Standardizer.load` reads it
+    back, to prepare new inputs for the trained student); an interrupted run
     resumes, a finished one is loaded back (the same keys as a fresh run, ``distiller``
     included). A ``run_dir`` written by another run (another config, data, student
     architecture or teacher) raises a DataError naming the directory and what differs.
@@ -284,6 +293,8 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
             if not (run_dir / RUN_KEY_FILE).is_file():
                 write_json(run_dir / RUN_KEY_FILE, {"key": ctx.key, "parts": ctx.key_parts})
             save_config(cfg, run_dir / "config.yaml")
+            write_json(run_dir / NORMALISATION_FILE, {"student": normalisation_entry(ctx.student_data),
+                                                      "teacher": normalisation_entry(ctx.teacher_data)})
     trainer = ctx.trainer(run_dir, progress)
     t0 = time.time()
     fit = trainer.fit()

@@ -81,13 +81,13 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_train_teacher(a) -> int:
-    from .api import load_pair
+    from .data import load_modality
     from .engine import distributed, get_teacher
 
     cfg = _load_run_config(a)
     dp = distributed.init_from_env(cfg.device)      # under torchrun: rank 0 trains, the others load
     with distributed.rank_zero_first(dp):
-        _, teacher_data = load_pair(cfg)
+        teacher_data = load_modality(cfg.data.teacher, cfg.data)     # the student modality plays no part
         _, info = get_teacher(cfg, teacher_data, progress=not a.no_progress, retrain=a.retrain and
                               (dp is None or dp.is_main))
     if dp is None or dp.is_main:
@@ -166,16 +166,21 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides may stand anywhere after the sub-command, also after options
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; ``key=value`` overrides may stand anywhere after the sub-command,
+    also after options."""
     overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
     rest = [a for i, a in enumerate(argv) if i == 0 or a not in overrides]
     args = make_parser().parse_args(rest)
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
     from .engine import distributed
 
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return args.fn(args)
     except UcmkdError as e:

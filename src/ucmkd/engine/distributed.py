@@ -72,6 +72,7 @@ class DataParallel:
 _PROCESS: Optional[DataParallel] = None    # the group this module joined (or found)
 _OWNED = False                             # whether this module initialised it
 _ACTIVE: Optional[DataParallel] = None     # the group the method-side collectives act on
+_ZERO_FIRST = False                        # inside a rank_zero_first block
 
 
 # --------------------------------------------------------------------------- the process group
@@ -279,14 +280,20 @@ def barrier(dp: Optional[DataParallel]) -> None:
 def rank_zero_first(dp: Optional[DataParallel]) -> Iterator[None]:
     """Run the block on rank 0 first (it builds and writes any cache entry: data, teachers),
     then on the local rank 0 of every other node (a node-local cache; they find a shared one
-    complete), then on every other rank (which only read). No two processes write one file."""
-    if dp is None:
+    complete), then on every other rank (which only read). No two processes write one file.
+    Nested inside another such block it is a plain block (the outer one orders the ranks)."""
+    global _ZERO_FIRST
+    if dp is None or _ZERO_FIRST:
         yield
         return
     phase = 0 if dp.rank == 0 else (1 if dp.local_rank == 0 else 2)
     for _ in range(phase):
         dist.barrier()
-    yield
+    _ZERO_FIRST = True
+    try:
+        yield
+    finally:
+        _ZERO_FIRST = False
     for _ in range(phase, 3):
         dist.barrier()
 

@@ -21,9 +21,9 @@ Data parallelism (``dist``, :mod:`ucmkd.engine.distributed`): every rank trains 
 each global batch (the sampler's), under the strategy's gradient averaging. After each epoch
 the trainer averages the logged values over the ranks, gives every rank rank 0's buffers
 (batch-norm statistics) before evaluating, evaluates each split sharded across the ranks and
-sums the counts (so every rank takes the same best-epoch and candidate decisions), lets
-calibration run on every rank and then gives every rank rank 0's calibrated buffers and
-logged values. Only rank 0 writes (checkpoints, exports, metrics).
+sums the counts (so every rank takes the same best-epoch and candidate decisions), lets the
+distiller's end-of-epoch hook (calibration) run on every rank and then gives every rank rank
+0's buffers and logged values. Only rank 0 writes (checkpoints, exports, metrics).
 """
 from __future__ import annotations
 
@@ -261,18 +261,19 @@ class Trainer:
             distributed.broadcast_buffers(self.dist, self._trainable_modules())
             row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()}}
             improved = []
-            for name, model in self.distiller.candidates().items():
+            cands = self.distiller.candidates()
+            for name, model in cands.items():
                 cur, better = self._validate(model, self.best.get(name, _blank()))
                 prefix = "" if name == "student" else f"{name}_"
                 row.update({f"{prefix}{k}": cur[k] for k in ("val_acc", "val_loss", "test_acc")})
                 if better:
                     self.best[name] = cur
                     improved.append(name)
-            row.update(self._calibrate())
+            row.update(self._end_epoch(row))
             self.history.append(row)
             for name in improved:   # weights after calibration (it may set the student's buffers)
                 self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
-                                                else self.distiller.candidates()[name].state_dict())
+                                                else cands[name].state_dict())
             self._commit(improved)
             bar.set_postfix(val=f"{row['val_acc']:.3f}", best=f"{self.best['student']['val_acc']:.3f}")
         bar.close()
@@ -296,11 +297,12 @@ class Trainer:
                     if improved or self.epoch == self.optim.epochs else None)
         return {"epoch": self.epoch, "val_acc": val_acc, "val_loss": val_loss, "test_acc": test_acc}, improved
 
-    def _calibrate(self) -> dict:
-        """The distiller's calibration on the validation split. Under data parallelism every rank
-        runs it (a method may use collectives in it) and rank 0's outcome is kept everywhere:
-        its buffers and its logged values."""
-        logs = self.distiller.calibrate(*self._eval["val"])
+    def _end_epoch(self, row: dict) -> dict:
+        """The distiller's end-of-epoch hook (calibration on the validation split, decisions from
+        the epoch's row). Under data parallelism every rank runs it (a method may use
+        collectives in it) and rank 0's outcome is kept everywhere: its buffers and its logged
+        values."""
+        logs = self.distiller.end_epoch(*self._eval["val"], dict(row))
         distributed.broadcast_buffers(self.dist, self._trainable_modules())
         return distributed.broadcast_object(self.dist, logs)
 

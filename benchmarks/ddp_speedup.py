@@ -1,0 +1,154 @@
+"""Speed-up of data parallelism on this machine: ``ucmkd`` at global batch 256, 1 process x 1
+thread against ``torchrun --nproc_per_node=2`` x 1 thread each, and the communication per step.
+
+    UCMKD_CACHE=/tmp/ucmkd-cache python benchmarks/ddp_speedup.py [--repeats 5] [--epochs 4]
+
+Each repeat runs both variants back to back, alternating which goes first (interleaved, so a
+change in the machine's load hits both alike); the speed-up is the median over repeats of the
+per-repeat ratio of training time per step (1 process / 2 processes). A variant's time is
+rank 0's wall time of ``Trainer.fit`` over ``--epochs`` epochs after one warm-up epoch: the
+training steps plus the per-epoch validation, calibration and synchronisation (process start,
+data loading and the teacher are excluded; the teacher is cached before the first repeat).
+
+Communication per step (2 processes) is counted separately, in an untimed pass: the payload of
+ucmkd's own collectives (:data:`ucmkd.engine.distributed.COMM`: gathers of the global batch's
+teacher outputs and labels, of the student features with their gradient, of the unlabelled
+probabilities) and of DDP's bucketed gradient all-reduce (a communication hook that counts each
+bucket), in bytes each rank contributes per training step.
+
+Setting: digits, image teacher -> signal student (the default digits models), 50 labels per
+class (500 labelled items, so a batch of 256 is not clamped), ucmkd with its defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve()
+
+
+def config(epochs: int):
+    from ucmkd.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.method.name = "ucmkd"
+    cfg.optim.batch_size = 256
+    cfg.optim.epochs = epochs + 1          # one warm-up epoch, then the timed ones
+    cfg.pairing.label_budget = 50
+    cfg.threads = 1
+    return cfg
+
+
+def _counting_hook(state, bucket):
+    """DDP communication hook: the default all-reduce (mean), counting the bucket's bytes."""
+    import torch.distributed as dist
+
+    buf = bucket.buffer()
+    state["bytes"] += buf.numel() * buf.element_size()
+    state["buckets"] += 1
+    return dist.all_reduce(buf.div_(dist.get_world_size()), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def worker(out: str, epochs: int) -> None:
+    from ucmkd.api import prepare
+    from ucmkd.engine import distributed
+
+    torch.set_num_threads(1)
+    cfg = config(epochs)
+    ctx = prepare(cfg)
+    dp = ctx.dist
+    trainer = ctx.trainer()
+    trainer.fit(stop_after=1)                       # warm-up epoch (teacher table, first calls)
+    distributed.barrier(dp)
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.fit()
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    steps = epochs * len(ctx.sampler)
+    res = {"world_size": ctx.world_size, "seconds": seconds, "steps": steps, "ms_per_step": 1000 * seconds / steps,
+           "cpu_ms_per_step": 1000 * cpu / steps, "val_acc": trainer.history[-1]["val_acc"]}
+    if dp is not None:                              # untimed pass: count the communication of one epoch
+        counted = prepare(cfg).trainer()
+        state = {"bytes": 0, "buckets": 0}
+        counted.strategy.model.register_comm_hook(state, _counting_hook)
+        distributed.reset_comm()
+        counted.fit(stop_after=1)
+        n = len(ctx.sampler)
+        res["comm_per_step"] = {"ddp_allreduce": state["bytes"] / n, "ddp_buckets": state["buckets"] / n,
+                                **{k: v / n for k, v in distributed.COMM.items()}}
+        res["comm_note"] = ("bytes each rank passes per training step; gather/gather_grad/all_reduce/broadcast "
+                            "also include the once-per-epoch evaluation and buffer syncs, divided by the steps")
+    if dp is None or dp.is_main:
+        Path(out).write_text(json.dumps(res))
+    distributed.shutdown()
+
+
+def _launch(world: int, epochs: int, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(HERE.parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    if world == 1:
+        cmd = [sys.executable, str(HERE), "--worker", str(out), "--epochs", str(epochs)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(HERE),
+               "--worker", str(out), "--epochs", str(epochs)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
+    return json.loads(out.read_text())
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--epochs", type=int, default=4, help="timed epochs per run (8 steps each)")
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.epochs)
+    from ucmkd.api import prepare
+
+    torch.set_num_threads(1)
+    prepare(config(a.epochs))                      # teacher and data into the cache, untimed
+    rows, ratios = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(a.repeats):
+            order = (1, 2) if rep % 2 == 0 else (2, 1)
+            got = {}
+            for w in order:
+                before = load()
+                got[w] = _launch(w, a.epochs, Path(tmp) / f"r{rep}-w{w}.json")
+                got[w]["load"] = before
+            ratios.append(got[1]["ms_per_step"] / got[2]["ms_per_step"])
+            rows.append(got)
+            print(f"repeat {rep}: 1 process {got[1]['ms_per_step']:.1f} ms/step (cpu {got[1]['cpu_ms_per_step']:.1f}, "
+                  f"load {got[1]['load']}), 2 processes {got[2]['ms_per_step']:.1f} ms/step (rank 0 cpu "
+                  f"{got[2]['cpu_ms_per_step']:.1f}, load {got[2]['load']}), speed-up {ratios[-1]:.2f}x", flush=True)
+    comm = rows[-1][2]["comm_per_step"]
+    print(f"\nucmkd, digits image->signal, global batch 256, 1 thread per process, {a.epochs} timed epochs "
+          f"x {rows[0][1]['steps'] // a.epochs} steps, {a.repeats} interleaved repeats")
+    print(f"median ms/step: 1 process {statistics.median(r[1]['ms_per_step'] for r in rows):.1f}, "
+          f"2 processes {statistics.median(r[2]['ms_per_step'] for r in rows):.1f}")
+    print(f"speed-up (median of per-repeat ratios): {statistics.median(ratios):.2f}x "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+    cpu = statistics.median(r[1]["cpu_ms_per_step"] / r[2]["cpu_ms_per_step"] for r in rows)
+    print(f"CPU time per step, 1 process / rank 0 of 2 (the speed-up with a free core per process, before "
+          f"waiting on each other): {cpu:.2f}x")
+    total = sum(v for k, v in comm.items() if k != "ddp_buckets")
+    print("communication per step and rank (bytes): " + ", ".join(
+        f"{k} {v:,.0f}" for k, v in comm.items() if k != "ddp_buckets") + f"; total {total:,.0f} "
+        f"({comm['ddp_buckets']:.0f} DDP bucket(s) per step)")
+
+
+if __name__ == "__main__":
+    main()
