@@ -5,7 +5,7 @@ Python API (the CLI is a thin layer over it)::
     from ucmkd import RunConfig, run, load_modality, get_teacher
 """
 from . import data, losses, methods, models  # noqa: F401  (fill the registries)
-from .api import build_student, load_pair, run
+from .api import RunContext, build_student, load_pair, prepare, run
 from .config import ExperimentConfig, RunConfig, load_config
 from .data import PairingSampler, load_modality, register_dataset
 from .engine import Trainer, get_teacher
@@ -14,6 +14,7 @@ from .experiment import run_experiment
 from .methods import Distiller, register_method
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "run_experiment", "build_student", "load_pair",
+__all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "prepare", "RunContext", "run_experiment",
+           "build_student", "load_pair",
            "load_modality", "register_dataset", "PairingSampler", "Trainer", "get_teacher", "Distiller",
            "register_method", "ConfigError", "DataError", "NumericalError", "UcmkdError"]
