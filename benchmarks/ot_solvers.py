@@ -48,7 +48,8 @@ VARIANTS = {
     "fused-envelope": ("ucmkd fused/envelope", "`sinkhorn_cost(backend='fused', grad='envelope')` "
                                                "(recommended default)"),
 }
-# torch autodiff keeps ~4 [B, M] tensors per iteration for backward: skip it beyond this.
+# torch autodiff keeps ~2 float32 [B, M] tensors per iteration for backward (821 MB measured
+# at B = M = 1024, 100 iterations): skip it where that exceeds 4 GB.
 TORCH_AUTODIFF_MAX_BYTES = 4 << 30
 
 
@@ -105,8 +106,9 @@ def make_step(name: str, zs: torch.Tensor, zt: torch.Tensor, eps: float, n_iter:
 
 
 def skip_reason(name: str, B: int, n_iter: int) -> str | None:
-    if name == "torch-autodiff" and 4 * 4 * B * B * n_iter > TORCH_AUTODIFF_MAX_BYTES:
-        return f"skipped: ~{4 * 4 * B * B * n_iter / 2**30:.0f} GB for backward (> 4 GB)"
+    need = 2 * 4 * B * B * n_iter
+    if name == "torch-autodiff" and need > TORCH_AUTODIFF_MAX_BYTES:
+        return f"skipped: ~{need / 2**30:.0f} GB for backward (> 4 GB)"
     return None
 
 
