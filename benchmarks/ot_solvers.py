@@ -146,7 +146,7 @@ def _memory_cell(name: str, B: int, args) -> dict:
 
 def measure_memory(name: str, B: int, args) -> float | None:
     """Peak extra memory (MiB) of one cell in a fresh subprocess; None where unavailable."""
-    if not os.path.exists("/proc/self/clear_refs"):
+    if not os.access("/proc/self/clear_refs", os.W_OK):  # Linux only (resettable peak RSS)
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-cell", name, "--batch-sizes", str(B),
            "--dim", str(args.dim), "--eps", str(args.eps), "--n-iter", str(args.n_iter),
@@ -168,6 +168,7 @@ def ot_table(batch_sizes=(64, 256, 1024, 4096), dim: int = 64, eps: float = 0.1,
     args = _args(dim=dim, eps=eps, n_iter=n_iter, features=features, threads=threads, seed=seed)
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
+    load0 = os.getloadavg()[0]
     lines = [
         f"Features: {features} ({'10 class centres + 0.5 noise' if features == 'clustered' else 'N(0, I)'}), "
         f"d={dim}, M=B, cosine cost, eps={eps}, n_iter={n_iter}, float32, {threads} thread(s); time: median of "
@@ -210,7 +211,9 @@ def ot_table(batch_sizes=(64, 256, 1024, 4096), dim: int = 64, eps: float = 0.1,
             lines.append(f"| {B} | {label} | {log['niter'] + 1} | {ms:.1f} | {ratio} | {mem_s} | "
                          f"{abs(values[v] / ref - 1):.1e} |")
             print(lines[-1], file=sys.stderr, flush=True)
-    lines += ["", "Variants:"] + [f"- {label}: {what}" for label, what in (VARIANTS[v] for v in variants)]
+    lines += ["", f"Load average (1 min) at the start / end: {load0:.1f} / {os.getloadavg()[0]:.1f} "
+                  f"on {os.cpu_count()} CPUs.", "", "Variants:"]
+    lines += [f"- {label}: {what}" for label, what in (VARIANTS[v] for v in variants)]
     return "\n".join(lines)
 
 

@@ -648,3 +648,21 @@ def test_plan_api_errors():
     bad[1, 2] = float("nan")
     with pytest.raises(NumericalError, match="cost C contain NaN"):
         sinkhorn_plan(bad)
+
+
+def test_benchmark_table_is_importable_and_complete():
+    # benchmarks/cost.py builds on ot_table: every variant gets a row, values agree with POT.
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ot_solvers.py"
+    spec = importlib.util.spec_from_file_location("ot_solvers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = mod.ot_table(batch_sizes=(8,), dim=4, repeats=1, memory=False)
+    rows = [line for line in table.splitlines() if line.startswith("| 8 |")]
+    assert [r.split(" | ")[1] for r in rows] == [label for label, _ in mod.VARIANTS.values()]
+    for r in rows:
+        assert float(r.rstrip(" |").split(" | ")[-1]) < 1e-5
+    mem = mod.measure_memory("fused-envelope", 8, mod.parse_args(["--dim", "4"]))
+    assert mem is None or mem >= 0
