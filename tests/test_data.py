@@ -156,13 +156,26 @@ def assert_standardised(d):
     """The train split has mean 0 and std 1 up to float32 arithmetic: torch sums float32 by
     cascade (pairwise) summation, so the statistics m, s of n numbers are off by at most
     ~(log2 n) eps32 of their magnitudes, and each (x - m) / s adds two roundings; measured in
-    float64, |mean| and |std - 1| stay below (log2 n + 4) eps32 (mean|x| + |m|) / s."""
+    float64, |mean| and |std - 1| stay below (log2 n + 4) eps32 (mean|x| + |m|) / s. Vectors are
+    standardised per feature (population std, float64 statistics), every other kind globally."""
     xtr, _ = d.split("train")
-    m, s = d.meta["norm_mean"], d.meta["norm_std"]
-    n = xtr.numel()
-    raw_abs = float((xtr.double() * s + m).abs().mean())
-    bound = (math.log2(n) + 4) * ref.EPS32 * (raw_abs + abs(m)) / s
     x = xtr.double()
+    m = torch.as_tensor(d.meta["norm_mean"], dtype=torch.float64)
+    s = torch.as_tensor(d.meta["norm_std"], dtype=torch.float64)
+    if d.kind == "vector":
+        assert d.meta["standardize"] == "per_feature"
+        m, s = m.reshape(-1), s.reshape(-1)
+        n = x.shape[0]
+        bound = (math.log2(n) + 4) * ref.EPS32 * ((x * s + m).abs().mean(0) + m.abs()) / s
+        varies = (x * s + m).std(0) > 0           # a constant feature keeps std 1: x - mean = 0
+        assert (x.mean(0).abs() <= bound).all()
+        assert ((x.std(0, unbiased=False) - 1.0).abs() <= bound)[varies].all()
+        return
+    assert d.meta["standardize"] == "global"
+    m, s = float(m), float(s)
+    n = xtr.numel()
+    raw_abs = float((x * s + m).abs().mean())
+    bound = (math.log2(n) + 4) * ref.EPS32 * (raw_abs + abs(m)) / s
     assert abs(float(x.mean())) <= bound
     assert abs(float(x.std()) - 1.0) <= bound
 
@@ -175,7 +188,7 @@ def test_train_split_standardised(loaded, name):
     assert_standardised(d)
     # the statistics come from the training split only: val/test are only roughly standard
     assert "norm_mean" in d.meta and "norm_std" in d.meta
-    assert d.meta["norm_std"] > 0
+    assert np.all(np.asarray(d.meta["norm_std"]) > 0)
 
 
 def test_standardisation_uses_train_statistics_only(module_cache):
@@ -340,12 +353,15 @@ def test_npz_loads(tmp_path):
     assert d.pair_id is None
     assert str(p) in d.source
     assert_standardised(d)
-    # standardisation is a global affine map of the raw inputs: undone within the roundings of
-    # (x - m) / s and back (4 of them, each eps32 of |x| + |m|)
-    raw = torch.as_tensor(x)
-    m, sd = d.meta["norm_mean"], d.meta["norm_std"]
-    err = (d.x.double() * sd + m - raw.double()).abs()
-    assert (err <= 4 * ref.EPS32 * (raw.double().abs() + abs(m))).all()
+    # standardisation is an affine map of the raw inputs (per feature for vectors): undone within
+    # the roundings of (x - m) / s and back (4 of them, each eps32 of |x| + |m|)
+    raw = torch.as_tensor(x).double()
+    m = torch.as_tensor(d.meta["norm_mean"], dtype=torch.float64)
+    sd = torch.as_tensor(d.meta["norm_std"], dtype=torch.float64)
+    if m.ndim:
+        m, sd = m.reshape(-1), sd.reshape(-1)
+    err = (d.x.double() * sd + m - raw).abs()
+    assert (err <= 4 * ref.EPS32 * (raw.abs() + m.abs())).all()
 
 
 def test_npz_kind_pair_id_and_default_classes(tmp_path):

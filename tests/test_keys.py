@@ -173,12 +173,13 @@ def test_a_run_dir_of_another_model_config_or_data_is_a_named_error(tmp_path):
     with pytest.raises(DataError, match=r"config optim\.lr: 0\.003 -> 0\.01"):
         run(_run_cfg(tmp_path, lr=0.01), run_dir=d, student_model=_mlp(16))
     SOURCE["cols"] = slice(0, 12)
+    original = _X[0, 0].copy()
     _X[0, 0] += 1.0                                            # the student's data changed
     try:
         with pytest.raises(DataError, match=r"student data 'keys-test/feat': content"):
             run(cfg, run_dir=d, student_model=_mlp(16))
     finally:
-        _X[0, 0] -= 1.0
+        _X[0, 0] = original                                    # exactly (x + 1 - 1 != x in float32)
     # the directory was left as it was: the same run still loads back
     again = run(cfg, run_dir=d, student_model=_mlp(16))
     assert again["test_acc"] == first["test_acc"] and again["key"] == first["key"]

@@ -63,3 +63,23 @@ def test_label_alignment_golden_value_and_sign():
     la.backward()
     # as coded by the authors: descending LA lowers the teacher head's true-class logit
     assert th.grad[0, 0] > 0 and th.grad[1, 1] > 0
+
+
+def test_label_alignment_without_teacher_gradient_is_the_ave_scripts_term():
+    """teacher_grad=False (the AVE script runs h_T under no_grad): same value, no gradient into
+    the teacher-head logits, so LA's gradient is the student CE's; with the default it flows."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    th = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (6,), generator=g)
+    off = label_alignment(s, th, y, teacher_grad=False)
+    on = label_alignment(s, th, y)
+    assert float(off.detach()) == float(on.detach())
+    gs_off, gt_off = torch.autograd.grad(off, (s, th), allow_unused=True)
+    (gs_ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(s, y), (s,))
+    assert gt_off is None and torch.allclose(gs_off, gs_ce, rtol=1e-14, atol=1e-15)
+    gt_on = torch.autograd.grad(on, (th,))[0]
+    assert float(gt_on.abs().sum()) > 0
+    teacher, student, batch = tiny()
+    d = build_distiller("ucmkd-joint", student, teacher, {"la_teacher_grad": False, "n_iter": 10})
+    assert d.params.la_teacher_grad is False and torch.isfinite(d(batch).total)

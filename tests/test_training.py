@@ -125,7 +125,7 @@ def test_teacher_is_cached_and_keyed(tmp_path):
     other.data.cache_dir = str(tmp_path)
     other.teacher.seed = 1
     assert teacher_dir(other, data) != teacher_dir(small_cfg_with_cache(tmp_path), data)
-    assert info1["test_acc"] > 0.6 and math.isfinite(info1["val_acc"])
+    assert info1["test_acc"] > 0.5 and math.isfinite(info1["val_acc"])   # chance: 0.25 (4 classes)
 
 
 def small_cfg_with_cache(tmp_path):

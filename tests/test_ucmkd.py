@@ -18,6 +18,7 @@ from ucmkd.errors import ConfigError, DataError
 from ucmkd.losses.ot import sinkhorn_cost, cost_matrix
 from ucmkd.losses.prototypes import ClassPrototypes
 from ucmkd.losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
+from ucmkd.methods.ucmkd import ShadowGate
 from ucmkd.methods import METHODS, build_distiller
 from ucmkd.methods.base import DistillOutput, Distiller
 
@@ -179,7 +180,8 @@ def test_calibration_picks_the_lowest_threshold_with_the_wanted_precision():
     assert d.calibrate(x, (pred + 1) % 3)["pl_threshold"] == 2.0
     _, _, batch = tiny(8)
     out = d(batch)
-    assert out.metrics["pl_mask"] == 0.0 and float(out.losses["pl"].detach()) == 0.0
+    # paused: the unlabelled items are not even forwarded (no pl term; BN sees the labelled batch only)
+    assert out.metrics["pl_mask"] == 0.0 and "pl" not in out.losses
 
 
 def test_ucmkd_without_an_unlabelled_pool(synth_pair):
@@ -203,6 +205,7 @@ class _Sabotage(Distiller):
     def __init__(self, student, teacher=None, params=None):
         super().__init__(student, None, params)
         self.add_fallback()
+        self.extra["gate"] = ShadowGate()    # ucmkd's shadow state (never retires here)
 
     def candidates(self):
         return {"student": self.student, "fallback": self.extra["fallback"]}
@@ -344,3 +347,52 @@ def test_bad_params_and_batches_are_named():
     batch.xu = torch.randn(10, 1, 13)                     # wrong unlabelled item shape
     with pytest.raises(DataError, match=r"\[B, 1, 12\]"):
         d(batch)
+
+
+def test_shadow_retires_only_after_a_clear_lead_in_consecutive_epochs():
+    teacher, student, _ = tiny(8)
+    d = build_distiller("ucmkd", student, teacher, {"retire_after": 0.2, "retire_z": 3.0, "retire_epochs": 2})
+    x, y = torch.randn(100, 1, 12), torch.randint(0, 3, (100,))
+    # a lead of 0.9 vs 0.6 on n = 100: se = sqrt((0.09 + 0.24) / 100) = 0.0574, 3 se = 0.172 < 0.3
+    clear, small = {"val_acc": 0.9, "fallback_val_acc": 0.6}, {"val_acc": 0.7, "fallback_val_acc": 0.6}
+    d.progress = 0.1                        # too early: no count
+    d.end_epoch(x, y, clear)
+    assert int(d.extra["gate"].lead) == 0 and "fallback" in d.candidates()
+    d.progress = 0.3
+    d.end_epoch(x, y, clear)
+    d.end_epoch(x, y, small)                # 0.1 < 3 se = 0.19: the run of leads restarts
+    assert int(d.extra["gate"].lead) == 0 and "fallback" in d.candidates()
+    d.end_epoch(x, y, clear)
+    out = d.end_epoch(x, y, clear)
+    assert out["shadow_active"] == 0.0 and list(d.candidates()) == ["student"]
+    # retired: no shadow loss, the student is final whatever the shadow's old record says
+    _, _, batch = tiny(8)
+    assert "ce_fallback" not in d(batch).losses
+    assert d.select_candidate({"student": {"val_acc": 0.5}, "fallback": {"val_acc": 0.9}}) == "student"
+    # the gate is checkpointed with the method
+    state = d.trainable_state_dict()
+    d2 = build_distiller("ucmkd", tiny(8)[1], teacher, {})
+    d2.load_trainable_state_dict(state)
+    assert list(d2.candidates()) == ["student"]
+
+
+def test_a_retired_shadow_stays_retired_across_resume(tmp_path):
+    """End to end on digits: the shadow retires mid-run (the trainer then validates the student
+    only), and a run interrupted right after retirement resumes to the uninterrupted result."""
+    from ucmkd import RunConfig
+    from ucmkd.api import prepare, run
+
+    cfg = RunConfig()
+    cfg.method.name, cfg.optim.epochs, cfg.teacher.epochs = "ucmkd", 6, 3
+    cfg.method.params = {"n_iter": 20, "retire_after": 0.0, "retire_z": 1.0, "retire_epochs": 1}
+    full = run(cfg, run_dir=tmp_path / "full")
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    retired = [r["epoch"] for r in rows if r.get("shadow_active") == 0.0]
+    assert len(retired) == 1 and retired[0] < cfg.optim.epochs, "the shadow should retire once, mid-run"
+    assert all("fallback_val_acc" not in r for r in rows if r["epoch"] > retired[0])
+    assert full["selected"] == "student"
+    ctx = prepare(cfg)
+    ctx.trainer(tmp_path / "cut").fit(stop_after=retired[0])
+    resumed = run(cfg, run_dir=tmp_path / "cut")
+    for k in ("test_acc", "val_acc", "best_epoch", "selected", "candidates", "diag_fa", "diag_teacher_head_acc"):
+        assert resumed[k] == full[k], k

@@ -2,7 +2,7 @@
 
 Python API (the CLI is a thin layer over it)::
 
-    from ucmkd import RunConfig, run, load_modality, get_teacher
+    from ucmkd import RunConfig, run, load_modality, get_teacher, recipe_config
 """
 from . import data, losses, methods, models  # noqa: F401  (fill the registries)
 from .api import RunContext, build_student, load_pair, prepare, run
@@ -12,9 +12,10 @@ from .engine import Trainer, get_teacher
 from .errors import ConfigError, DataError, NumericalError, UcmkdError
 from .experiment import run_experiment
 from .methods import Distiller, register_method
+from .recipes import recipe_config
 
 __version__ = "0.1.0"
 __all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "prepare", "RunContext", "run_experiment",
            "build_student", "load_pair",
            "load_modality", "register_dataset", "PairingSampler", "Trainer", "get_teacher", "Distiller",
-           "register_method", "ConfigError", "DataError", "NumericalError", "UcmkdError"]
+           "register_method", "recipe_config", "ConfigError", "DataError", "NumericalError", "UcmkdError"]

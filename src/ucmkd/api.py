@@ -23,6 +23,7 @@ from .cache import clean_tmp, content_key, model_signature, read_json, signature
 from .config import RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
 from .data.pairing import validate_pairing
+from .data.standardize import NORMALISATION_FILE, normalisation_entry
 from .engine import Trainer, evaluate, get_teacher, seed_everything
 from .errors import ConfigError, DataError
 from .methods import METHODS
@@ -197,6 +198,10 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     model = student_model if student_model is not None else build_student(cfg, student)
     check_model(model, student, "student")
     distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
+    if method_cls.uses_teacher:
+        from .engine.teacher_outputs import TeacherOutputs
+
+        distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, cfg.device))
     sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
                              cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
                              unlabelled=distiller.uses_unlabelled,
@@ -225,7 +230,9 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
 
     Data, teacher and student model may be passed in (bring your own); otherwise they are
     built from ``cfg`` (:func:`prepare`). With ``run_dir`` the run is checkpointed there, its
-    resolved config saved as ``config.yaml`` and its key as ``key.json``; an interrupted run
+    resolved config saved as ``config.yaml``, its key as ``key.json`` and the standardisation
+    of both modalities as ``normalisation.json`` (:meth:`ucmkd.data.Standardizer.load` reads it
+    back, to prepare new inputs for the trained student); an interrupted run
     resumes, a finished one is loaded back (the same keys as a fresh run, ``distiller``
     included). A ``run_dir`` written by another run (another config, data, student
     architecture or teacher) raises a DataError naming the directory and what differs.
@@ -263,6 +270,8 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
         if not (run_dir / RUN_KEY_FILE).is_file():
             write_json(run_dir / RUN_KEY_FILE, {"key": ctx.key, "parts": ctx.key_parts})
         save_config(cfg, run_dir / "config.yaml")
+        write_json(run_dir / NORMALISATION_FILE, {"student": normalisation_entry(ctx.student_data),
+                                                  "teacher": normalisation_entry(ctx.teacher_data)})
     trainer = ctx.trainer(run_dir, progress)
     t0 = time.time()
     fit = trainer.fit()

@@ -2,7 +2,7 @@
 
     ucmkd run digits [--quick] [--out DIR] [key=value ...]
     ucmkd bench quick [--only PATTERNS] [--workers N] [--out DIR] [key=value ...]
-    ucmkd train [--config FILE] [--run-dir DIR] [key=value ...]
+    ucmkd train [--config FILE] [--run-dir DIR] [recipe=NAME] [key=value ...]
     ucmkd train-teacher [--config FILE] [key=value ...]
     ucmkd list
 """
@@ -89,6 +89,11 @@ def _cmd_list(a) -> int:
     from .bench import builtin_suites
 
     print("bench suites: " + ", ".join(builtin_suites()))
+    from .recipes import describe, recipe_names
+
+    print("recipes (recipe=NAME method.name=..., docs/reproduction.md):")
+    for name in recipe_names():
+        print("  " + describe(name))
     return 0
 
 
@@ -121,14 +126,15 @@ def make_parser() -> argparse.ArgumentParser:
         t = sub.add_parser(name, help=helptext)
         t.add_argument("--config", default=None, help="YAML file with RunConfig fields")
         t.add_argument("--no-progress", action="store_true")
-        t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=kd data.student=digits/image")
+        t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.name=kd data.student=digits/image; "
+                       "recipe=paper-ravdess method.name=ucmkd-bilevel selects the authors' RAVDESS settings")
         if name == "train":
             t.add_argument("--run-dir", default=None, help="checkpoint/metrics directory (resumable)")
         else:
             t.add_argument("--retrain", action="store_true", help="ignore a cached teacher")
         t.set_defaults(fn=fn)
 
-    ls = sub.add_parser("list", help="list datasets, methods, backbones, metrics and presets")
+    ls = sub.add_parser("list", help="list datasets, methods, backbones, metrics, presets and recipes")
     ls.set_defaults(fn=_cmd_list)
     return p
 

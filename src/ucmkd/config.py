@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
@@ -76,6 +76,23 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class TabularConfig:
+    """Two tabular views of one latent class structure (see :mod:`ucmkd.data.tabular`)."""
+
+    n_items: int = ranged(4000, 2)          # items per view (item i of both views share a latent)
+    num_classes: int = ranged(6, 2)
+    latent_dim: int = ranged(8, 2)          # informative latent dimensions
+    clusters_per_class: int = ranged(2, 1)  # Gaussian clusters per class in the latent space
+    class_sep: float = ranged(1.5, 0.0)     # make_classification's hypercube side / 2
+    flip_y: float = ranged(0.01, 0.0, 1.0)  # fraction of labels re-drawn at random
+    features_a: int = ranged(24, 4)         # view A (teacher-like): linear mixtures, redundant, ordinal, noise
+    features_b: int = ranged(40, 4)         # view B (student-like): nonlinear, binary indicators, noise
+    noise: float = ranged(0.5, 0.0)         # observation noise of view B (latent units)
+    unscaled: bool = False                  # every column rescaled by 10^U(-3, 3) and shifted (raw units)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SpokenDigitsConfig:
     """Recipe of the offline spoken-digits set (eSpeak NG synthesis, see ucmkd.data.spoken)."""
 
@@ -113,9 +130,13 @@ class DataConfig:
     cache_dir: Optional[str] = None   # default: $UCMKD_CACHE or ~/.cache/ucmkd
     mnist1d_samples: int = ranged(4000, 10)       # size of the generated digits/signal set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    tabular: TabularConfig = field(default_factory=TabularConfig)
     spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
     av: AVConfig = field(default_factory=AVConfig)
+    standardize: str = "auto"         # auto (per_feature for vectors, global otherwise) | per_feature | global | none (docs/data.md)
+
+    CHOICES: ClassVar[dict] = {"standardize": ("auto", "per_feature", "global", "none")}
 
 
 @dataclass
@@ -153,6 +174,14 @@ class OptimConfig:
     min_lr: float = ranged(1e-6, 0.0)
     clip_norm: float = ranged(5.0, 0.0)                  # 0: no clipping
     steps_per_epoch: Optional[int] = ranged(8, 1)       # None: one pass over the labelled student pool
+    optimizer: str = "adamw"             # adamw (torch.optim.AdamW) | sgd (torch.optim.SGD, nesterov off)
+    momentum: float = ranged(0.9, 0.0)   # sgd only (AdamW keeps betas (0.9, 0.999), eps 1e-8)
+    schedule_unit: str = "step"          # step: the lr changes every step | epoch: once per epoch, epoch 0 at min_lr (the authors')
+    lr_decay: str = "cosine"             # after the warm-up: cosine to min_lr | poly: min_lr + (lr - min_lr) (1 - t)^0.9
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (CUDA only): autocast around the forwards; OT stays fp32
+
+    CHOICES: ClassVar[dict] = {"optimizer": ("adamw", "sgd"), "schedule_unit": ("step", "epoch"),
+                               "lr_decay": ("cosine", "poly"), "precision": ("fp32", "bf16", "fp16")}
 
 
 @dataclass
@@ -185,6 +214,25 @@ class RunConfig:
     seed: int = ranged(0, 0)
     device: str = "cpu"
     threads: Optional[int] = ranged(None, 1)
+    # a named recipe (``ucmkd list``; ucmkd/recipes/*.yaml): dotted overrides filled in between the
+    # defaults and the mapping's own values when this config is built from a mapping (YAML file,
+    # key=value overrides, ``from_dict``); see docs/reproduction.md
+    recipe: Optional[str] = None
+
+    def __post_init__(self):
+        if self.recipe is not None:
+            from .recipes import load_recipe
+
+            load_recipe(self.recipe)   # unknown names are an error listing the known ones
+
+    @classmethod
+    def expand(cls, data: dict, path: str) -> dict:
+        """Fill in ``data``'s recipe (if it names one) under its own values."""
+        if not isinstance(data, dict) or data.get("recipe") is None:
+            return data
+        from .recipes import expand_recipe
+
+        return expand_recipe(data, path)
 
 
 @dataclass
@@ -312,6 +360,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     where = path or cls.__name__
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    if hasattr(cls, "expand"):   # a class may fill in a mapping before validation (RunConfig: its recipe)
+        data = cls.expand(data, path)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -323,6 +373,10 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], _join(path, f.name))
             _check_range(f, kwargs[f.name], _join(path, f.name))
+    for name, allowed in getattr(cls, "CHOICES", {}).items():   # string fields with a fixed set of values
+        if name in kwargs and kwargs[name] not in allowed:
+            raise ConfigError(f"{_join(path, name)}: unknown value {kwargs[name]!r}; choose one of "
+                              f"{', '.join(allowed)}")
     return cls(**kwargs)
 
 

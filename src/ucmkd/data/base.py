@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 from ..config import DataConfig
 from ..errors import DataError
 from ..registry import Registry
+from .standardize import Standardizer, fit, global_in_memory, resolve_mode
 
 KINDS = ("vector", "signal", "image")
 
@@ -54,7 +55,9 @@ class ModalityData:
     Attributes:
         name: registry name, e.g. ``"digits/image"``.
         kind: ``vector`` ([N, D]), ``signal`` ([N, C, L]) or ``image`` ([N, C, H, W]).
-        x: float32 tensor [N, *input_shape], standardised with training statistics.
+        x: float32 tensor [N, *input_shape], standardised with training statistics
+            (:attr:`standardizer`; ``meta`` holds ``standardize`` (the mode), ``norm_mean``
+            and ``norm_std``: floats, or lists [F] for ``per_feature``).
         y: int64 tensor [N].
         classes: class names, index = label.
         splits: ``{"train", "val", "test"}`` -> int64 index tensors into x/y.
@@ -87,6 +90,15 @@ class ModalityData:
     @property
     def input_shape(self) -> tuple:
         return tuple(self.x.shape[1:])
+
+    @property
+    def standardizer(self) -> Standardizer:
+        """How ``x`` was standardised (from ``meta``; ``none`` for data built without it)."""
+        m = self.meta
+        if "standardize" not in m:
+            return Standardizer.identity()
+        return Standardizer.from_dict({"mode": m["standardize"], "mean": m["norm_mean"], "std": m["norm_std"]},
+                                      self.input_shape, where=f"{self.name} meta")
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs [n, *input_shape] and labels [n] of split ``name``."""
@@ -205,20 +217,29 @@ def validate_raw(raw: RawModality, name: str) -> None:
 
 
 def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
-    """Validate, split (seeded, stratified), and standardise with train-split statistics."""
+    """Validate, split (seeded, stratified), and standardise with train-split statistics
+    (``cfg.standardize``, :mod:`ucmkd.data.standardize`)."""
+    where = raw.source or name
+    mode = resolve_mode(cfg.standardize, raw.kind)
     validate_raw(raw, name)
-    splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed, raw.split, raw.groups,
-                         where=raw.source or name)
+    splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed, raw.split, raw.groups, where=where)
+    # the standardised tensor is a new one (never the builder's array: builders may return
+    # memoised arrays, synthetic's lru_cache, which an in-place edit must not corrupt)
     x = torch.as_tensor(raw.x, dtype=torch.float32)
-    tr = x[splits["train"]]
-    mean, std = tr.mean(), tr.std().clamp_min(1e-8)
-    x = (x - mean) / std
-    # copies (torch.tensor, not as_tensor): builders may return memoised arrays (synthetic's
-    # lru_cache), which an in-place edit of one loaded modality must not corrupt
+    if mode == "global":
+        st = global_in_memory(x, splits["train"])
+    else:
+        st = fit(x, splits["train"].numpy(), mode, tuple(x.shape[1:]), where=where)
+    x = st(x)
     pid = None if raw.pair_id is None else torch.tensor(raw.pair_id, dtype=torch.long)
     return ModalityData(name=name, kind=raw.kind, x=x, y=torch.tensor(raw.y, dtype=torch.long),
                         classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,
-                        meta={"norm_mean": float(mean), "norm_std": float(std), "fingerprint": dict(raw.fingerprint)})
+                        meta={**_norm_meta(st), "fingerprint": dict(raw.fingerprint)})
+
+
+def _norm_meta(st: Standardizer) -> dict:
+    mean, std = st.values()
+    return {"standardize": st.mode, "norm_mean": mean, "norm_std": std}
 
 
 def load_modality(name: str, cfg: DataConfig | None = None) -> ModalityData:

@@ -47,19 +47,23 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class Batch:
-    """One training batch. xs [B, *S], ys [B]; xt [B', *T] or None; xu [B, *S] or None."""
+    """One training batch. xs [B, *S], ys [B]; xt [B', *T] or None; yt [B'] or None; xu [B_u, *S]
+    or None; it [B'] int64 or None: the teacher items' indices in the teacher modality, set when
+    ``xt`` holds those items unchanged (no augmentation or shift), so that their frozen-teacher
+    outputs can be served from a table (:class:`ucmkd.engine.teacher_outputs.TeacherOutputs`)."""
 
     xs: torch.Tensor
     ys: torch.Tensor
     xt: Optional[torch.Tensor] = None
     yt: Optional[torch.Tensor] = None
     xu: Optional[torch.Tensor] = None
+    it: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
         def mv(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(mv(self.xs), mv(self.ys), mv(self.xt), mv(self.yt), mv(self.xu))
+        return Batch(mv(self.xs), mv(self.ys), mv(self.xt), mv(self.yt), mv(self.xu), mv(self.it))
 
 
 def validate_pairing(cfg: PairingConfig) -> None:
@@ -238,6 +242,8 @@ class PairingSampler:
                 batch.xt, batch.yt = t.x[ti], t.y[ti]
                 if shift_t:
                     batch.xt = corrupt(batch.xt, t.kind, cfg.shift_level, gen)
+                else:
+                    batch.it = torch.as_tensor(ti, dtype=torch.long)
             if self.want_unlabelled:
                 ui = rng.choice(self.unlabelled_pool, size=self.batch_size,
                                 replace=len(self.unlabelled_pool) < self.batch_size)

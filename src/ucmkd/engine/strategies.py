@@ -1,130 +1,280 @@
 """Training strategies: how one batch updates the student (what to minimise is the distiller's).
 
 - ``standard``: backpropagate the sum of the distiller's losses, clip, step.
-- ``bilevel``: the paper's algorithm, with inner steps on a functional copy of the
-  parameters (``torch.func.functional_call``), never a ``deepcopy`` of the model.
+- ``bilevel``: a first-order bilevel step driven by hooks the method provides
+  (:class:`BilevelHooks`): inner steps of a functional AdamW on a dict of the parameters,
+  forwards through ``torch.func.functional_call`` (no ``deepcopy``, no optimiser object per
+  batch), then the outer loss's gradient at the inner solution updates the real parameters.
+
+Both run the distiller's forwards under the run's precision (:class:`~ucmkd.engine.precision.Precision`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
-from ..errors import NumericalError
+from ..errors import ConfigError, NumericalError
 from ..registry import Registry
+from .precision import Precision
 
 STRATEGIES: Registry[type] = Registry("training strategy")
 
 
 def _check_finite(losses: dict, where: str) -> None:
     for name, v in losses.items():
-        if not torch.isfinite(v).all():
+        if isinstance(v, torch.Tensor) and not torch.isfinite(v).all():
             raise NumericalError(f"{where}: loss {name!r} is {float(v.detach())} (non-finite)")
 
 
-def _clip(params, max_norm: float, where: str) -> float:
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if not math.isfinite(float(norm)):
-        raise NumericalError(f"{where}: gradient norm is {float(norm)} (non-finite)")
-    return float(norm)
+def _floats(d: dict) -> dict:
+    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in d.items()}
 
 
 class Strategy:
-    """``step(batch) -> {loss name: float}``; raises :class:`NumericalError` on NaN/inf."""
+    """``step(batch) -> {name: float}`` (losses and metrics to log); raises
+    :class:`NumericalError` on NaN/inf (under fp16 an overflowing step is skipped by the
+    gradient scaler instead, and logged as ``skipped_step``)."""
 
-    def __init__(self, distiller, optimizer: torch.optim.Optimizer, clip_norm: float = 5.0):
+    def __init__(self, distiller, optimizer: torch.optim.Optimizer, clip_norm: float = 5.0,
+                 precision: Optional[Precision] = None):
         self.distiller, self.optimizer, self.clip_norm = distiller, optimizer, clip_norm
+        self.precision = precision if precision is not None else Precision()
 
     def step(self, batch) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What an exact resume needs besides the model and optimiser (the fp16 loss scale)."""
+        return self.precision.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.precision.load_state_dict(state)
+
+    def _clip_and_step(self, where: str) -> dict:
+        """Unscale (fp16), clip each of the distiller's clip groups, step the optimiser.
+        Returns ``{"skipped_step": 1.0}`` when fp16 gradients overflowed (the scaler skips the
+        step and lowers its scale), else ``{}``."""
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        finite = True
+        for group in self.distiller.clip_groups():
+            group = [q for q in group if q.grad is not None]
+            if not group:
+                continue
+            max_norm = self.clip_norm if self.clip_norm > 0 else float("inf")
+            norm = float(torch.nn.utils.clip_grad_norm_(group, max_norm))
+            if not math.isfinite(norm):
+                if scaler is None:
+                    raise NumericalError(f"{where}: gradient norm is {norm} (non-finite)")
+                finite = False
+        if scaler is None:
+            self.optimizer.step()
+            return {}
+        scaler.step(self.optimizer)
+        scaler.update()
+        return {} if finite else {"skipped_step": 1.0}
 
 
 @STRATEGIES.register("standard")
 class StandardStrategy(Strategy):
     def step(self, batch) -> dict:
-        out = self.distiller(batch)
-        _check_finite(out.losses, f"method {self.distiller.name!r}")
+        where = f"method {self.distiller.name!r}"
+        with self.precision.autocast():
+            out = self.distiller(batch)
+        _check_finite(out.losses, where)
         self.optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        for group in self.distiller.clip_groups():
-            _clip(group, self.clip_norm, f"method {self.distiller.name!r}")
-        self.optimizer.step()
-        return {**{k: float(v.detach()) for k, v in out.losses.items()}, **out.metrics}
+        total = out.total
+        (total if self.precision.scaler is None else self.precision.scaler.scale(total)).backward()
+        skipped = self._clip_and_step(where)
+        return {**_floats(out.losses), **out.metrics, **skipped}
 
 
-def _sub(d: dict, prefix: str) -> dict:
-    n = len(prefix)
-    return {k[n:]: v for k, v in d.items() if k.startswith(prefix)}
+# --------------------------------------------------------------------------- bilevel
+@dataclass(frozen=True)
+class InnerAdamW:
+    """Settings of the inner optimiser: AdamW started fresh for every batch (zero moments)."""
+
+    lr: float
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+class FunctionalAdamW:
+    """``torch.optim.AdamW``'s update (amsgrad and maximize off) on a dict of tensors, with no
+    optimiser object: ``step(params, grads) -> new params``.
+
+    As in ``torch.optim.AdamW``, a tensor whose gradient is None is left untouched and its step
+    count does not advance; the others get decoupled weight decay ``p <- p (1 - lr wd)``, then
+    ``p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)`` with the moments
+    ``m <- b1 m + (1 - b1) g`` and ``v <- b2 v + (1 - b2) g^2`` (same operation order). The
+    updated tensors are new leaves that require grad; the inputs are never written to.
+    """
+
+    def __init__(self, cfg: InnerAdamW):
+        self.cfg = cfg
+        self.state: dict = {}   # name -> (t, m, v)
+
+    def step(self, params: dict, grads: dict) -> dict:
+        lr, wd, (b1, b2), eps = self.cfg.lr, self.cfg.weight_decay, self.cfg.betas, self.cfg.eps
+        out = dict(params)
+        with torch.no_grad():
+            for n, g in grads.items():
+                if g is None:
+                    continue
+                t, m, v = self.state.get(n) or (0, torch.zeros_like(g), torch.zeros_like(g))
+                t += 1
+                p = params[n].detach() * (1 - lr * wd)
+                m = m.lerp(g, 1 - b1)
+                v = (v * b2).addcmul_(g, g, value=1 - b2)
+                denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(eps)
+                p.addcdiv_(m, denom, value=-(lr / (1 - b1 ** t)))
+                self.state[n] = (t, m, v)
+                out[n] = p.requires_grad_(True)
+        return out
+
+
+class BilevelHooks(Protocol):
+    """What a method with ``strategy = "bilevel"`` provides. Parameter names are those of
+    ``distiller.named_parameters()``; every hook runs under ``torch.func.functional_call`` with
+    the inner parameters replaced by the current inner values, so the method writes plain
+    module calls (``self.student(x)``), and under the run's autocast."""
+
+    def bilevel_parameters(self) -> list[str]:
+        """Names of the parameters the inner steps update (theta')."""
+
+    def bilevel_optimizer(self) -> InnerAdamW:
+        """Settings of the inner AdamW (fresh for every batch)."""
+
+    def bilevel_stages(self) -> list[tuple[str, int]]:
+        """Inner stages in order, each ``(stage name, number of steps)``."""
+
+    def bilevel_inner_loss(self, stage: str, batch, cache: dict) -> tuple[torch.Tensor, dict]:
+        """(scalar loss whose gradient steps theta', {name: value to log}) for one inner step;
+        ``cache`` is a dict that lives for one batch (e.g. the teacher's features)."""
+
+    def bilevel_outer_loss(self, batch, cache: dict) -> tuple[torch.Tensor, dict]:
+        """(scalar outer loss at theta', {name: value to log}); its gradient with respect to
+        theta' is applied to theta (first-order approximation)."""
+
+    def bilevel_persistent(self) -> list[str]:
+        """Names of inner parameters whose inner-updated values are copied back into the real
+        parameters after the step (parameters the outer loss does not reach)."""
+
+
+_HOOKS = [name for name in BilevelHooks.__dict__ if name.startswith("bilevel_")]
+
+
+class _HookCall(nn.Module):
+    """``forward(hook, *args) = distiller.<hook>(*args)``: lets ``functional_call`` run any
+    hook with the distiller's parameters replaced (keys prefixed ``d.``)."""
+
+    def __init__(self, distiller):
+        super().__init__()
+        self.d = distiller
+
+    def forward(self, hook: str, *args):
+        return getattr(self.d, hook)(*args)
 
 
 @STRATEGIES.register("bilevel")
 class BilevelStrategy(Strategy):
-    """One bilevel step (semantics of the paper's scripts, see docs/method semantics):
+    """One first-order bilevel step (the paper's algorithm; the method supplies the losses
+    through :class:`BilevelHooks`):
 
-    1. theta' <- detached clones of the trainable parameters (student + projector) and of the
-       student's buffers; a FRESH AdamW(lr=inner_lr, weight_decay=inner_wd) on theta'.
-    2. n1 inner steps on FA(project(f_S(x_b; theta')), f_T(x_a)).
-    3. n2 inner steps on the head only: head_loss(h_S(f_S(x_b; theta').detach()), y).
-    4. outer loss = outer_loss(S(x_b; theta'), y); its gradient w.r.t. theta' is used as the
-       gradient of theta (first order), clipped, applied by the outer optimizer; the batch-norm
-       buffers of theta' are copied back into the student.
-    Every student forward runs in train mode, so BN statistics move once per forward.
+    1. theta' <- the inner parameters (no copy: the first inner update makes new tensors);
+       a fresh functional AdamW on theta'.
+    2. For each stage, its steps: gradient of the stage's inner loss at theta', AdamW step.
+    3. Outer loss at theta'; its gradient with respect to theta' is the gradient of theta,
+       clipped and applied by the outer optimiser (:meth:`_apply_gradients`). The batch-norm
+       running statistics that the forwards at theta' updated are the real buffers (functional
+       calls leave buffers in place), so they persist, as the scripts' copy-back does.
+    4. The persistent inner parameters (e.g. a module the outer loss does not reach) take
+       their inner-updated values.
+    Every forward runs in train mode, so batch-norm statistics move once per forward.
     """
+
+    def __init__(self, distiller, optimizer, clip_norm: float = 5.0, precision: Optional[Precision] = None):
+        missing = [h for h in _HOOKS if not callable(getattr(distiller, h, None))]
+        if missing:
+            raise ConfigError(f"method {distiller.name!r} uses the bilevel strategy but lacks the hooks "
+                              f"{', '.join(missing)} (ucmkd.engine.strategies.BilevelHooks)")
+        super().__init__(distiller, optimizer, clip_norm, precision)
+        self._call = _HookCall(distiller)
+        self._names = None
+
+    def _run(self, theta: dict, hook: str, *args):
+        with self.precision.autocast():
+            return functional_call(self._call, {f"d.{n}": t for n, t in theta.items()}, (hook, *args))
+
+    def _grads(self, loss: torch.Tensor, inputs: list, unscale: bool = True) -> Optional[list]:
+        """Gradients of ``loss`` with respect to ``inputs`` (None where unused). Under fp16 the
+        loss is scaled first; with ``unscale`` the gradients are divided back and None is
+        returned when they overflowed (the scale is halved and the caller skips the batch);
+        without it they stay scaled, for the scaler's own unscale and overflow check."""
+        scaler = self.precision.scaler
+        if scaler is None:
+            return list(torch.autograd.grad(loss, inputs, allow_unused=True))
+        grads = torch.autograd.grad(scaler.scale(loss), inputs, allow_unused=True)
+        if not unscale:
+            return list(grads)
+        scale = float(scaler.get_scale())
+        grads = [None if g is None else g / scale for g in grads]
+        if all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            return grads
+        scaler.update(scale / 2)
+        return None
+
+    def _layout(self) -> tuple:
+        """(name -> real parameter, inner names, outer names, persistent names), read from the
+        distiller's hooks once: the module structure does not change during training."""
+        if self._names is None:
+            d = self.distiller
+            real = dict(d.named_parameters())
+            trainable = {id(q) for q in d.trainable_parameters()}
+            self._names = (real, list(d.bilevel_parameters()), [n for n, q in real.items() if id(q) in trainable],
+                           list(d.bilevel_persistent()))
+        return self._names
 
     def step(self, batch) -> dict:
         d = self.distiller
-        p = d.params
-        named = [(f"student.{n}", q) for n, q in d.student.named_parameters()]
-        named += [(f"extra.{n}", q) for n, q in d.extra.named_parameters()]
-        theta = {n: q.detach().clone().requires_grad_(True) for n, q in named}
-        bufs = {n: b.detach().clone() for n, b in d.student.named_buffers()}
-        s_params = _sub(theta, "student.")
-        s_state = {**s_params, **bufs}
-        proj = d.extra["projector"] if "projector" in d.extra else None
-        proj_params = _sub(theta, "extra.projector.")
-
-        def features(x):
-            z = functional_call(d.student.encoder, {**_sub(s_params, "encoder."), **_sub(bufs, "encoder.")}, (x,))
-            return z
-
-        def project(z):
-            return z if proj is None else functional_call(proj, proj_params, (z,))
-
-        inner = torch.optim.AdamW(list(theta.values()), lr=p.inner_lr, weight_decay=p.inner_wd)
-        zt, _ = d.teacher_forward(batch.xt)
-        d.student.check_input(batch.xs)
-        logs = {}
-        for _ in range(p.n1):
-            inner.zero_grad(set_to_none=True)
-            fa = d.fa(project(features(batch.xs)), zt)
-            _check_finite({"fa_inner": fa}, "ucmkd-bilevel inner step")
-            fa.backward()
-            inner.step()
-            logs["fa_inner"] = float(fa.detach())
-        for _ in range(p.n2):
-            inner.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                z = features(batch.xs)
-            head = d.head_loss(functional_call(d.student.head, _sub(s_params, "head."), (z,)), batch.ys)
-            _check_finite({"head_inner": head}, "ucmkd-bilevel inner step")
-            head.backward()
-            inner.step()
-            logs["head_inner"] = float(head.detach())
-        logits = functional_call(d.student, s_state, (batch.xs,))
-        outer = d.outer_loss(logits, batch.ys)
-        _check_finite({"outer_ce_ls": outer}, "ucmkd-bilevel outer step")
-        grads = torch.autograd.grad(outer, list(theta.values()), allow_unused=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        for (_, q), g in zip(named, grads):
-            q.grad = None if g is None else g.detach()
-        _clip([q for _, q in named], self.clip_norm, "ucmkd-bilevel outer step")
-        self.optimizer.step()
+        where = f"method {d.name!r}"
+        real, inner_names, outer_names, persistent = self._layout()
+        theta = {n: real[n].detach().requires_grad_(True) for n in inner_names}
+        inner = FunctionalAdamW(d.bilevel_optimizer())
+        cache, logs = {}, {}
+        for stage, n_steps in d.bilevel_stages():
+            for _ in range(n_steps):
+                loss, extra = self._run(theta, "bilevel_inner_loss", stage, batch, cache)
+                _check_finite({**extra, "inner_loss": loss}, f"{where} inner stage {stage!r}")
+                grads = self._grads(loss, list(theta.values()))
+                if grads is None:
+                    return {**_floats(logs), "skipped_step": 1.0}
+                theta = inner.step(theta, dict(zip(theta, grads)))
+                logs.update(extra)
+        loss, extra = self._run(theta, "bilevel_outer_loss", batch, cache)
+        _check_finite({**extra, "outer_loss": loss}, f"{where} outer step")
+        logs.update(extra)
+        grads = self._grads(loss, [theta[n] if n in theta else real[n] for n in outer_names], unscale=False)
+        skipped = self._apply_gradients([real[n] for n in outer_names], grads, where)
         with torch.no_grad():
-            for n, b in d.student.named_buffers():
-                b.copy_(bufs[n])
-        logs["outer_ce_ls"] = float(outer.detach())
-        return logs
+            for n in persistent:
+                real[n].copy_(theta[n])
+        return {**_floats(logs), **skipped}
+
+    def _apply_gradients(self, params: list, grads: list, where: str) -> dict:
+        """The one place where a bilevel step sets gradients and steps the outer optimiser.
+
+        The gradients are set by hand (they were taken at theta', not at theta), so DDP's
+        reducer hooks never see them: a data-parallel run must all-reduce ``grads`` across
+        ranks HERE, before clipping."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for q, g in zip(params, grads):
+            q.grad = None if g is None else g.detach()
+        return self._clip_and_step(f"{where} outer step")

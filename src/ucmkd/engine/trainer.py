@@ -1,6 +1,7 @@
 """The training loop shared by every method (and by teacher training).
 
-AdamW with linear warm-up then cosine decay (per step), gradient-norm clipping, validation
+AdamW (or SGD) with linear warm-up then cosine decay (per step, or per epoch as in the
+authors' scripts: :func:`scheduled_lr`), mixed precision (``optim.precision``), gradient-norm clipping, validation
 every epoch, test accuracy recorded at the best validation epoch (never used to select),
 full-state checkpoints with exact resume, metrics as JSONL + CSV.
 
@@ -34,8 +35,9 @@ from ..cache import atomic_path, clean_tmp, write_text
 from ..config import OptimConfig
 from ..data.base import ModalityData
 from ..data.pairing import PairingSampler
-from ..errors import DataError, NumericalError
+from ..errors import ConfigError, DataError, NumericalError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .precision import Precision
 
 CHECKPOINT_FORMAT = 2     # latest.pt holds every candidate's best record and weights
 from .strategies import STRATEGIES
@@ -46,8 +48,47 @@ def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: fl
     steps, then cosine from base_lr down to min_lr at ``total``."""
     if warmup > 0 and step < warmup:
         return min_lr + (base_lr - min_lr) * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    return _decay(min(1.0, (step - warmup) / max(1, total - warmup)), base_lr, min_lr, "cosine")
+
+
+def _decay(frac: float, lr: float, min_lr: float, kind: str) -> float:
+    """lr after the warm-up at fraction ``frac`` in [0, 1] of the decay phase."""
+    if kind == "poly":
+        return min_lr + (lr - min_lr) * (1.0 - frac) ** 0.9
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def scheduled_lr(optim: OptimConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate of the 0-based ``step`` under ``optim``'s schedule.
+
+    ``schedule_unit: step`` with ``lr_decay: cosine`` is :func:`warmup_cosine` over steps.
+    ``schedule_unit: epoch`` holds the lr for a whole epoch e (the authors' scripts: torch
+    ``LinearLR(start_factor=min_lr/lr, total_iters=W)`` then ``CosineAnnealingLR(T_max=E-W,
+    eta_min=min_lr)`` in a ``SequentialLR`` stepped once per epoch): ``min_lr + (lr - min_lr) e / W``
+    for e < W (epoch 0 runs at min_lr), then ``min_lr + (lr - min_lr) (1 + cos(pi (e-W)/(E-W))) / 2``.
+    ``lr_decay: poly`` replaces the cosine by ``min_lr + (lr - min_lr) (1 - (t-W)/(T-W))^0.9``
+    (the scripts' ``adjust_lr`` with floor min_lr).
+    """
+    lr, lo = optim.lr, optim.min_lr
+    if optim.schedule_unit == "epoch":
+        t, total, warm = step // max(1, steps_per_epoch), optim.epochs, optim.warmup_epochs
+        if t < warm:
+            return lo + (lr - lo) * t / warm
+    else:
+        t, total, warm = step, optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
+        if t < warm:
+            return lo + (lr - lo) * (t + 1) / warm
+    return _decay(min(1.0, (t - warm) / max(1, total - warm)), lr, lo, optim.lr_decay)
+
+
+def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW(lr, weight_decay)`` or ``torch.optim.SGD(lr, momentum, weight_decay)``
+    (SGD's weight decay is the coupled L2 term) for ``optim.optimizer``."""
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    raise ConfigError(f"optimizer: unknown value {optim.optimizer!r}; choose one of adamw, sgd")
 
 
 @torch.no_grad()
@@ -108,9 +149,9 @@ class Trainer:
         self.sampler, self.data, self.optim = sampler, data, optim
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config_hash, self.device, self.progress, self.desc = config_hash, device, progress, desc
-        self.optimizer = torch.optim.AdamW(distiller.trainable_parameters(), lr=optim.lr,
-                                           weight_decay=optim.weight_decay)
-        self.strategy = STRATEGIES.get(distiller.strategy)(distiller, self.optimizer, optim.clip_norm)
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
+        self.strategy = STRATEGIES.get(distiller.strategy)(distiller, self.optimizer, optim.clip_norm,
+                                                           precision=Precision(optim.precision, device))
         self.total_steps = optim.epochs * len(sampler)
         self.warmup_steps = optim.warmup_epochs * len(sampler)
         self.step_count = 0
@@ -155,7 +196,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _set_lr(self) -> float:
-        lr = warmup_cosine(self.step_count, self.total_steps, self.warmup_steps, self.optim.lr, self.optim.min_lr)
+        lr = scheduled_lr(self.optim, self.step_count, len(self.sampler))
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -187,18 +228,19 @@ class Trainer:
             self.epoch = ep + 1
             row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()}}
             improved = []
-            for name, model in self.distiller.candidates().items():
+            cands = self.distiller.candidates()
+            for name, model in cands.items():
                 cur, better = self._validate(model, self.best.get(name, _blank()))
                 prefix = "" if name == "student" else f"{name}_"
                 row.update({f"{prefix}{k}": cur[k] for k in ("val_acc", "val_loss", "test_acc")})
                 if better:
                     self.best[name] = cur
                     improved.append(name)
-            row.update(self.distiller.calibrate(*self._eval["val"]))
+            row.update(self.distiller.end_epoch(*self._eval["val"], dict(row)))
             self.history.append(row)
             for name in improved:   # weights after calibration (it may set the student's buffers)
                 self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
-                                                else self.distiller.candidates()[name].state_dict())
+                                                else cands[name].state_dict())
             self._commit(improved)
             bar.set_postfix(val=f"{row['val_acc']:.3f}", best=f"{self.best['student']['val_acc']:.3f}")
         bar.close()

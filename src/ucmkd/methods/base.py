@@ -90,6 +90,7 @@ class Distiller(nn.Module):
         self.params = params if params is not None else self.Params()
         self.progress = 0.0   # fraction of training done, in [0, 1); set by the trainer each epoch
         self.extra = nn.ModuleDict()
+        self.teacher_outputs = None   # see use_teacher_outputs
         if self.projects_features and teacher is not None and student.feat_dim != teacher.feat_dim:
             self.extra["projector"] = make_projector(student.feat_dim, teacher.feat_dim)
 
@@ -102,15 +103,27 @@ class Distiller(nn.Module):
         """Student features [B, d_s] -> teacher feature space [B, d_t]."""
         return self.extra["projector"](z) if "projector" in self.extra else z
 
+    def use_teacher_outputs(self, outputs) -> None:
+        """Serve the frozen teacher's outputs from ``outputs`` (a
+        :class:`~ucmkd.engine.teacher_outputs.TeacherOutputs` of the teacher modality the
+        sampler draws from) for batches that carry teacher item indices (``batch.it``)."""
+        self.teacher_outputs = outputs
+
     @torch.no_grad()
-    def teacher_forward(self, xt: torch.Tensor, match: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher features [B', d_t] and logits [B', K] (no gradient). With ``match`` = B, the
-        method uses the teacher items item for item, so B' must equal B."""
+    def teacher_forward(self, batch: Batch, match: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher features [B', d_t] and logits [B', K] of ``batch.xt`` (no gradient). They come
+        from the precomputed table when one is attached and the batch carries the items' indices
+        (unchanged teacher items), else from a live forward (augmented or shifted teacher items).
+        With ``match`` = B, the method uses the teacher items item for item, so B' must equal B."""
+        xt = batch.xt
         if xt is None:
             raise ConfigError(f"method {self.name!r} needs a teacher batch; the sampler gave none")
         if match is not None and xt.shape[0] != match:
             raise DataError(f"{self.name}: teacher batch of {xt.shape[0]} items must match the student "
                             f"batch of {match} item for item")
+        if self.teacher_outputs is not None and batch.it is not None:
+            self.teacher.check_input(xt)
+            return self.teacher_outputs.get(batch.it)
         return self.teacher(xt, return_features=True)
 
     def train(self, mode: bool = True):
@@ -157,10 +170,16 @@ class Distiller(nn.Module):
         return "student"
 
     def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
-        """Called by the trainer after each epoch with the labelled validation split (x [N, ...],
-        y [N], on the CPU: a method that uses it moves batches to its device); a method may tune
-        a data-dependent setting on it (never on test). Returns metrics to log (default: none)."""
+        """Tune a data-dependent setting on the labelled validation split (x [N, ...], y [N], on the
+        CPU: a method that uses it moves batches to its device; never the test split). Called by
+        :meth:`end_epoch`. Returns metrics to log (default: none)."""
         return {}
+
+    def end_epoch(self, x_val: torch.Tensor, y_val: torch.Tensor, row: dict) -> dict:
+        """Called by the trainer after each epoch's validation with the labelled validation split
+        and the epoch's metrics row so far (``val_acc``, ``{candidate}_val_acc``, ... of the
+        candidates validated this epoch). Default: :meth:`calibrate`. Returns metrics to log."""
+        return self.calibrate(x_val, y_val)
 
     def trainable_state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "extra": self.extra.state_dict()}

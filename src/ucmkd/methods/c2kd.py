@@ -87,7 +87,7 @@ class C2KD(Distiller):
         self.kept_fraction = torch.tensor(float("nan"))
 
     def forward(self, batch):
-        zt, t_logits = self.teacher_forward(batch.xt, match=len(batch.xs))
+        zt, t_logits = self.teacher_forward(batch, match=len(batch.xs))
         z, logits = self.student(batch.xs, return_features=True)
         p, ys = self.params, batch.ys
         yt = batch.yt if batch.yt is not None else ys

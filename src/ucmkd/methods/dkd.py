@@ -42,7 +42,7 @@ class DKD(Distiller):
 
     def forward(self, batch):
         logits = self.student(batch.xs)
-        _, t_logits = self.teacher_forward(batch.xt, match=len(batch.xs))
+        _, t_logits = self.teacher_forward(batch, match=len(batch.xs))
         p = self.params
         tckd, nckd = dkd_terms(logits, t_logits, batch.ys, p.temperature)
         w = self.kd_weight()

@@ -27,7 +27,7 @@ class FitNet(Distiller):
         self.extra["regressor"] = nn.Linear(student.feat_dim, teacher.feat_dim)
 
     def forward(self, batch):
-        zt, _ = self.teacher_forward(batch.xt, match=len(batch.xs))
+        zt, _ = self.teacher_forward(batch, match=len(batch.xs))
         z, logits = self.student(batch.xs, return_features=True)
         return DistillOutput(logits, {"ce": F.cross_entropy(logits, batch.ys),
                                       "fitnet": self.params.weight * fitnet_loss(self.extra["regressor"](z), zt)})

@@ -21,7 +21,7 @@ class KD(Distiller):
 
     def forward(self, batch):
         logits = self.student(batch.xs)
-        _, t_logits = self.teacher_forward(batch.xt, match=len(batch.xs))
+        _, t_logits = self.teacher_forward(batch, match=len(batch.xs))
         p = self.params
         return DistillOutput(logits, {"ce": (1 - p.alpha) * F.cross_entropy(logits, batch.ys),
                                       "kd": p.alpha * kd_kl(logits, t_logits, p.temperature)})

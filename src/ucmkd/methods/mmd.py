@@ -33,7 +33,7 @@ class MMD(Distiller):
             raise ConfigError(f"method 'mmd': factors must be a non-empty list of numbers > 0, got {f!r}")
 
     def forward(self, batch):
-        zt, _ = self.teacher_forward(batch.xt)
+        zt, _ = self.teacher_forward(batch)
         z, logits = self.student(batch.xs, return_features=True)
         p = self.params
         return DistillOutput(logits, {"ce": F.cross_entropy(logits, batch.ys),

@@ -32,7 +32,7 @@ class NORM(Distiller):
         self.extra["expander"] = nn.Linear(student.feat_dim, self.params.n * teacher.feat_dim)
 
     def forward(self, batch):
-        zt, _ = self.teacher_forward(batch.xt, match=len(batch.xs))
+        zt, _ = self.teacher_forward(batch, match=len(batch.xs))
         z, logits = self.student(batch.xs, return_features=True)
         p = self.params
         return DistillOutput(logits, {"ce": F.cross_entropy(logits, batch.ys),

@@ -28,13 +28,16 @@ All distillation and unlabelled weights ramp 0 -> 1 over ``warmup`` (a fraction 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
+from ..losses.kd import kd_kl
 from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
@@ -59,6 +62,7 @@ class UCMKD(Distiller):
         kd_alpha: float = 1.0       # TCKD weight inside the KD term
         kd_beta: float = 8.0        # NCKD weight inside the KD term
         temperature: float = 4.0
+        kd_loss: str = "dkd"        # dkd: kd_alpha * TCKD + kd_beta * NCKD | kl: Hinton's T^2 KL
         kd_target: str = "item"     # item: a same-class teacher item of the batch | mean: class-mean logits
         w_la: float = 1.0           # CE of the frozen teacher head on (projected) student features
         w_fa: float = 1.0           # label-aware OT between student and teacher features
@@ -69,6 +73,11 @@ class UCMKD(Distiller):
         momentum: float = 0.99      # teacher class-mean EMA (per item)
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
+        calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
+        retire_after: float = 0.2   # the CE shadow may retire once this fraction of training is done ...
+        retire_z: float = 3.0       # ... when the student leads it by > retire_z standard errors (val acc) ...
+        retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
+        u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
@@ -79,6 +88,15 @@ class UCMKD(Distiller):
                 raise ConfigError(f"method 'ucmkd': {k} must be >= 0, got {getattr(p, k)}")
         if not p.temperature > 0:
             raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
+        if p.calib_items < 1:
+            raise ConfigError(f"method 'ucmkd': calib_items must be >= 1, got {p.calib_items}")
+        if not 0.0 <= p.retire_after <= 1.0 or p.retire_z < 0 or p.retire_epochs < 1:
+            raise ConfigError(f"method 'ucmkd': retire_after must be in [0, 1], retire_z >= 0 and "
+                              f"retire_epochs >= 1; got {p.retire_after}, {p.retire_z}, {p.retire_epochs}")
+        if p.u_forward not in ("joint", "separate"):
+            raise ConfigError(f"method 'ucmkd': u_forward must be 'joint' or 'separate', got {p.u_forward!r}")
+        if p.kd_loss not in ("dkd", "kl"):
+            raise ConfigError(f"method 'ucmkd': kd_loss must be 'dkd' or 'kl', got {p.kd_loss!r}")
         if p.kd_target not in ("item", "mean"):
             raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
         self.fa = make_fa(p)
@@ -86,17 +104,46 @@ class UCMKD(Distiller):
         self.extra["prior"] = PriorAlignment(teacher.num_classes)
         if p.fallback:
             self.add_fallback()
+            self.extra["gate"] = ShadowGate()
         self.uses_unlabelled = p.unlabelled
 
     # ----------------------------------------------------------------- candidates
-    def candidates(self) -> dict:
+    def _shadow(self):
+        """The CE shadow while it trains (None once retired or without a fallback)."""
         fb = self.fallback_model()
+        return fb if fb is not None and bool(self.extra["gate"].active) else None
+
+    def candidates(self) -> dict:
+        fb = self._shadow()
         return {**super().candidates(), **({"fallback": fb} if fb is not None else {})}
 
     def select_candidate(self, records: dict) -> str:
-        """The CE shadow when its best validation accuracy is strictly above the student's."""
+        """The CE shadow when its best validation accuracy is strictly above the student's (never
+        once it has retired: the student then led it clearly)."""
         fb = records.get("fallback")
-        return "fallback" if fb is not None and fb["val_acc"] > records["student"]["val_acc"] else "student"
+        if fb is None or not bool(self.extra["gate"].active):
+            return "student"
+        return "fallback" if fb["val_acc"] > records["student"]["val_acc"] else "student"
+
+    def end_epoch(self, x_val, y_val, row: dict) -> dict:
+        """Calibrate the pseudo-label threshold, then decide whether the CE shadow retires: once
+        ``retire_after`` of training is done, if the student's validation accuracy leads the
+        shadow's by more than ``retire_z`` standard errors (of a difference of two accuracies on
+        n validation items) in ``retire_epochs`` consecutive epochs, the shadow stops training and
+        being validated, and the student is the run's answer. Saves the shadow's cost (about one
+        plain-CE step per step) wherever distillation clearly helps; a harmful teacher keeps it."""
+        out = self.calibrate(x_val, y_val)
+        if self._shadow() is None or "fallback_val_acc" not in row:
+            return out
+        p, gate, n = self.params, self.extra["gate"], max(1, len(y_val))
+        a, b = row["val_acc"], row["fallback_val_acc"]
+        se = max(math.sqrt((a * (1 - a) + b * (1 - b)) / n), 1.0 / n)
+        lead = self.progress >= p.retire_after and a - b > p.retire_z * se
+        gate.lead.fill_(int(gate.lead) + 1 if lead else 0)
+        if int(gate.lead) >= p.retire_epochs:
+            gate.active.fill_(False)
+        out["shadow_active"] = float(gate.active)
+        return out
 
     # ----------------------------------------------------------------- validation calibration
     @torch.no_grad()
@@ -113,10 +160,14 @@ class UCMKD(Distiller):
     def calibrate(self, x_val, y_val) -> dict:
         """Set the pseudo-label threshold to the lowest grid value whose confident validation
         predictions reach ``precision`` (with at least 5 % of items confident); none: the
-        unlabelled terms pause for the next epoch (threshold > 1)."""
+        unlabelled terms pause for the next epoch (threshold > 1). Looks at a fixed sample of at
+        most ``calib_items`` validation items, so its cost does not grow with the data."""
         p = self.params
         if not (p.unlabelled and p.precision > 0):
             return {}
+        if len(x_val) > p.calib_items:
+            keep = torch.randperm(len(x_val), generator=torch.Generator().manual_seed(len(x_val)))[:p.calib_items]
+            x_val, y_val = x_val[keep], y_val[keep]
         was = self.student.training
         self.student.eval()
         device = next(self.student.parameters()).device
@@ -151,11 +202,14 @@ class UCMKD(Distiller):
         return target
 
     def _class_kd(self, logits: torch.Tensor, y: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
-        """Decoupled KD of logits [B, K] towards teacher logits t_target [B, K] for classes y [B]."""
+        """KD of logits [B, K] towards teacher logits t_target [B, K] for classes y [B]: decoupled
+        (``kd_loss: dkd``, alpha * TCKD + beta * NCKD) or Hinton's T^2 KL (``kd_loss: kl``)."""
         p = self.params
         known = self.extra["protos"].known(y)
         if not known.any():
             return logits.sum() * 0.0
+        if p.kd_loss == "kl":
+            return kd_kl(logits[known], t_target[known], p.temperature) * known.float().mean()
         tckd, nckd = dkd_terms(logits[known], t_target[known], y[known], p.temperature)
         return (p.kd_alpha * tckd + p.kd_beta * nckd) * known.float().mean()
 
@@ -172,13 +226,21 @@ class UCMKD(Distiller):
         p = self.params
         if batch.yt is None:
             raise DataError("method 'ucmkd' needs the teacher items' labels (batch.yt is None)")
-        zt, t_logits = self.teacher_forward(batch.xt)
+        zt, t_logits = self.teacher_forward(batch)
         self.extra["protos"].update(zt, t_logits, batch.yt)
-        use_u = p.unlabelled and batch.xu is not None
-        if use_u:
+        tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
+        # while the calibration pauses the unlabelled terms (tau >= 1: no threshold reaches the
+        # wanted precision yet) the unlabelled items are not forwarded at all: they would only
+        # shift the batch-norm statistics of the labelled forward (and cost a forward)
+        use_u = p.unlabelled and batch.xu is not None and not (p.precision > 0 and tau >= 1.0)
+        if batch.xu is not None:
+            self.student.check_input(batch.xu)   # a mis-shaped pool is named even while paused
+        if use_u and p.u_forward == "joint":
             z, logits, zu, logits_u = split_forward(self.student, batch.xs, batch.xu)
         else:
             z, logits = self.student(batch.xs, return_features=True)
+            if use_u:
+                zu, logits_u = self.student(batch.xu, return_features=True)
         w = ramp(self.progress, p.warmup)
         zp = self.project(z)
         losses = {"ce": F.cross_entropy(logits, batch.ys)}
@@ -191,10 +253,7 @@ class UCMKD(Distiller):
         if use_u:
             zpu = self.project(zu)
             probs = self._pseudo_probs(logits_u, zpu)
-            tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
             yhat, mask = confident_targets(probs, min(tau, 1.0))
-            if tau > 1.0:
-                mask = torch.zeros_like(mask)
             wu = w * p.w_u
             losses["pl"] = wu * masked_ce(logits_u, yhat, mask)
             if mask.any():
@@ -203,7 +262,19 @@ class UCMKD(Distiller):
                 for k, v in self._teacher_terms(logits_u[mask], zpu[mask], yhat[mask], target_u, frac).items():
                     losses[f"{k}_u"] = wu * v
             metrics["pl_mask"] = float(mask.float().mean())
-        fb = self.fallback_model()
+        elif p.unlabelled:
+            metrics["pl_mask"] = 0.0
+        fb = self._shadow()
         if fb is not None:
             losses["ce_fallback"] = F.cross_entropy(fb(batch.xs), batch.ys)
         return DistillOutput(logits, losses, metrics)
+
+
+class ShadowGate(nn.Module):
+    """State of ucmkd's CE shadow, checkpointed with the method: ``active`` (still training) and
+    ``lead`` (consecutive epochs in which the student led it clearly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("active", torch.tensor(True))
+        self.register_buffer("lead", torch.tensor(0))
