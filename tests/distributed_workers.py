@@ -41,12 +41,15 @@ GRAD_METHODS = {
     "ucmkd-bilevel": {"n_iter": 20, "inner_lr": 1e-2},
 }
 
-#: case -> (method, precision): every method in fp32, the paper's and the default one in bf16
-GRAD_CASES = {**{m: (m, "fp32") for m in GRAD_METHODS},
-              **{f"{m}@bf16": (m, "bf16") for m in ("ucmkd-joint", "ucmkd", "ucmkd-bilevel")}}
+#: case -> (method, precision, params over GRAD_METHODS'): every method in fp32 (the OT methods'
+#: defaults: autodiff gradient for the paper's, envelope for ucmkd), fa-only with the envelope
+#: gradient, the paper's and the default method in bf16
+GRAD_CASES = {**{m: (m, "fp32", {}) for m in GRAD_METHODS},
+              "fa-only@envelope": ("fa-only", "fp32", {"grad": "envelope"}),
+              **{f"{m}@bf16": (m, "bf16", {}) for m in ("ucmkd-joint", "ucmkd", "ucmkd-bilevel")}}
 
 
-def grad_config(method: str, cache_dir: str, precision: str = "fp32") -> RunConfig:
+def grad_config(method: str, cache_dir: str, precision: str = "fp32", params: dict | None = None) -> RunConfig:
     """4-class synthetic problem, global batch 16 (8 per rank on 2 ranks), 10 labels per class."""
     cfg = RunConfig()
     cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
@@ -55,7 +58,7 @@ def grad_config(method: str, cache_dir: str, precision: str = "fp32") -> RunConf
     cfg.teacher.epochs, cfg.teacher.batch_size = 5, 32
     cfg.model.teacher_width, cfg.model.teacher_feat_dim = 16, 8
     cfg.optim.batch_size, cfg.optim.steps_per_epoch, cfg.optim.clip_norm = 16, 2, 0.0
-    cfg.method.name, cfg.method.params = method, dict(GRAD_METHODS[method])
+    cfg.method.name, cfg.method.params = method, {**GRAD_METHODS[method], **(params or {})}
     cfg.optim.precision = precision
     cfg.threads = 1
     return cfg
@@ -76,7 +79,8 @@ def step_grads(case: str, cache_dir: str) -> dict:
     from ucmkd.api import load_pair, prepare
     from ucmkd.engine import distributed
 
-    cfg = grad_config(*GRAD_CASES[case][:1], cache_dir, GRAD_CASES[case][1])
+    method, precision, params = GRAD_CASES[case]
+    cfg = grad_config(method, cache_dir, precision, params)
     s, t = load_pair(cfg)          # generated in memory: no cache file
     ctx = prepare(cfg, student=s, teacher_data=t, student_model=no_bn_student(s.input_shape[0], s.num_classes))
     trainer = ctx.trainer()

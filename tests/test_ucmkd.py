@@ -200,15 +200,16 @@ class _Sabotage(Distiller):
 
     name = "sabotage"
     uses_teacher = False
-    select_candidate = METHODS.get("ucmkd").select_candidate
+    _U = METHODS.get("ucmkd")
+    Params = _U.Params
+    # ucmkd's gate: its candidates, per-epoch decision (validation size, retirement) and selection
+    candidates, select_candidate, end_epoch, _shadow, _se = (_U.candidates, _U.select_candidate, _U.end_epoch,
+                                                             _U._shadow, _U._se)
 
     def __init__(self, student, teacher=None, params=None):
-        super().__init__(student, None, params)
+        super().__init__(student, None, self.Params(unlabelled=False))
         self.add_fallback()
-        self.extra["gate"] = ShadowGate()    # ucmkd's shadow state (never retires here)
-
-    def candidates(self):
-        return {"student": self.student, "fallback": self.extra["fallback"]}
+        self.extra["gate"] = ShadowGate()
 
     def forward(self, batch):
         logits = self.student(batch.xs)
@@ -396,3 +397,21 @@ def test_a_retired_shadow_stays_retired_across_resume(tmp_path):
     resumed = run(cfg, run_dir=tmp_path / "cut")
     for k in ("test_acc", "val_acc", "best_epoch", "selected", "candidates", "diag_fa", "diag_teacher_head_acc"):
         assert resumed[k] == full[k], k
+
+
+def test_the_gate_falls_back_only_beyond_noise():
+    """gate_z = 1: the shadow must validate better by more than one standard error of the
+    difference of two accuracies on n items, sqrt((a(1-a) + b(1-b)) / n)."""
+    teacher, student, _ = tiny(8)
+    d = build_distiller("ucmkd", student, teacher, {"gate_z": 1.0})
+    d.extra["gate"].n_val.fill_(270)
+    rec = lambda a, b: {"student": {"val_acc": a}, "fallback": {"val_acc": b}}  # noqa: E731
+    se = math.sqrt((0.95 * 0.05 + 0.96 * 0.04) / 270)                           # 0.0178
+    assert d.select_candidate(rec(0.95, 0.95 + 0.9 * se)) == "student"
+    assert d.select_candidate(rec(0.95, 0.96 + 0.02)) == "fallback"             # 0.03 > se(0.95, 0.98)
+    d.extra["gate"].n_val.fill_(20)                                           # tiny validation split
+    assert d.select_candidate(rec(0.50, 0.60)) == "student"                   # se = 0.157
+    assert d.select_candidate(rec(0.30, 0.69)) == "fallback"                  # a chance-level teacher
+    strict = build_distiller("ucmkd", tiny(8)[1], teacher, {"gate_z": 0.0})
+    strict.extra["gate"].n_val.fill_(270)
+    assert strict.select_candidate(rec(0.95, 0.951)) == "fallback"            # gate_z = 0: any lead

@@ -185,46 +185,56 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     validate_pairing(cfg.pairing)      # before any data is loaded or teacher trained
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
-    with distributed.rank_zero_first(dp):
+    with distributed.rank_zero_first(dp):           # rank 0 builds any data cache first
         if student is None or (teacher_data is None and method_cls.uses_teacher):
             s, t = _load_pair(cfg)
             student = student if student is not None else s
             teacher_data = teacher_data if teacher_data is not None else t
-        check_data(student, "student")
-        if teacher_data is not None:
-            check_data(teacher_data, "teacher_data")
-            check_compatible(student, teacher_data)
-        if teacher is not None:
-            if teacher_data is None:
-                raise ConfigError("teacher given without its teacher_data")
-            check_model(teacher, teacher_data, "teacher")
-        elif method_cls.uses_teacher:
-            if train_teacher:
-                # the whole run checked with an untrained teacher first: a mistake in the method's
-                # params or the pairing must not wait for a teacher to train
-                prepare(cfg, student, teacher_data, student_model=copy.deepcopy(student_model), train_teacher=False)
-                teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress and (dp is None or dp.is_main))
-            else:
-                from .engine.teacher import build_teacher_model
+    check_data(student, "student")
+    if teacher_data is not None:
+        check_data(teacher_data, "teacher_data")
+        check_compatible(student, teacher_data)
+    if teacher is not None:
+        if teacher_data is None:
+            raise ConfigError("teacher given without its teacher_data")
+        check_model(teacher, teacher_data, "teacher")
 
-                teacher = build_teacher_model(cfg, teacher_data)
+    def assemble(teacher, model):
+        """Student model (checked), distiller and pairing sampler (this rank's shards) around ``teacher``."""
+        check_model(model, student, "student")
+        distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
+        sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
+                                 cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
+                                 unlabelled=distiller.uses_unlabelled,
+                                 require_unlabelled=distiller.requires_unlabelled,
+                                 rank=0 if dp is None else dp.rank, world_size=1 if dp is None else dp.world_size)
+        return distiller, sampler
+
+    def student_model_for_run():
+        seed_everything(cfg.seed)
+        return student_model if student_model is not None else build_student(cfg, student)
+
+    if teacher is None and method_cls.uses_teacher:
+        from .engine.teacher import build_teacher_model
+
+        teacher = build_teacher_model(cfg, teacher_data)     # untrained
+        if train_teacher:
+            # the whole run checked with the untrained teacher first (on a copy of a model you
+            # bring): a mistake in the params or the pairing must not wait for a teacher to train
+            dry = student_model_for_run()
+            assemble(teacher, copy.deepcopy(dry) if student_model is not None else dry)
+            with distributed.rank_zero_first(dp):   # rank 0 trains and caches the teacher, the others load it
+                teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress and (dp is None or dp.is_main))
     if teacher is not None and teacher_info is None and train_teacher:
         teacher.eval()
         teacher_info = {"val_acc": evaluate(teacher, *teacher_data.split("val"))[0],
                         "test_acc": evaluate(teacher, *teacher_data.split("test"))[0]}
-    seed_everything(cfg.seed)
-    model = student_model if student_model is not None else build_student(cfg, student)
-    check_model(model, student, "student")
-    distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
+    model = student_model_for_run()
+    distiller, sampler = assemble(teacher, model)
     if method_cls.uses_teacher:
         from .engine.teacher_outputs import TeacherOutputs
 
         distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, device))
-    sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
-                             cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
-                             unlabelled=distiller.uses_unlabelled,
-                             require_unlabelled=distiller.requires_unlabelled,
-                             rank=0 if dp is None else dp.rank, world_size=1 if dp is None else dp.world_size)
     config = to_dict(cfg)
     config.pop("device", None)
     config.pop("threads", None)

@@ -31,8 +31,10 @@ Every collective adds its payload to :data:`COMM` (bytes each rank passes in), f
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
@@ -118,6 +120,7 @@ def init_from_env(device: str = "cpu") -> Optional[DataParallel]:
     timeout = datetime.timedelta(seconds=float(os.environ.get("UCMKD_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
     _PROCESS, _OWNED = DataParallel(rank, world, local, backend), True
+    atexit.register(shutdown)
     return _PROCESS
 
 
@@ -133,10 +136,20 @@ def device_for(dp: Optional[DataParallel], device: str) -> str:
 
 
 def shutdown() -> None:
-    """Destroy the process group if :func:`init_from_env` created it (the CLI's exit)."""
+    """Destroy the process group if :func:`init_from_env` created it (the CLI calls this on exit;
+    for a script of yours it runs at interpreter exit, registered with ``atexit``).
+
+    The group's worker threads must be gone before the interpreter finalises: a gloo thread
+    that drops the last reference to a finished collective's tensor needs the GIL, and a
+    thread asking for it during finalisation is killed mid-unwind (``terminate called without
+    an active exception``, SIGABRT, seen in 1 of 4-10 exits). So the group is destroyed and the
+    garbage that still references it (DDP wrappers in reference cycles) collected, which joins
+    its threads while the interpreter is whole. No collective here: a rank that exits on an
+    error must not wait for the others."""
     global _PROCESS, _OWNED
     if _OWNED and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
     _PROCESS, _OWNED = None, False
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import distributed
-from ..losses.ot import FeatureAlignmentLoss
+from ..errors import NumericalError
+from ..losses.ot import FeatureAlignmentLoss, cost_matrix, plan_cost, sinkhorn_plan
 from .base import DistillOutput, Distiller, register_method
 
 
@@ -16,7 +17,7 @@ class OTParams:
     metric: str = "cosine"      # cosine | chordal | l2 | l1
     eps: float = 0.1            # entropic regularisation
     n_iter: int = 100           # Sinkhorn iterations
-    backend: str = "pot"        # pot (ot.sinkhorn2, the authors' call) | torch (log-domain, underflow-proof) | geomloss
+    backend: str = "fused"      # fused (POT's iterates and stopping rule, faster; tested against POT) | pot (ot.sinkhorn2, the authors' call) | torch (log-domain) | geomloss
     # autodiff: gradient of the transport cost <P, C> through the Sinkhorn iterations (the
     # authors'; the paper methods keep it unless a recipe says otherwise) | detach: plan
     # detached, i.e. the gradient of the REGULARISED objective <P, C> - eps H(P) (envelope
@@ -32,13 +33,37 @@ class FullPrecisionFA(FeatureAlignmentLoss):
     Under data parallelism (:mod:`ucmkd.engine.distributed`) the transport problem is the
     GLOBAL batch's, as in one process: ``zs`` are this rank's rows of the student features
     [b, d], while ``zt`` [M, d] and ``extra_cost`` [B, M] are the global batch's (gathered by
-    the method). The student features are gathered with their gradient and every rank solves
-    the same global problem (the cost of one solve per rank: the solve is not split).
+    the method). Every rank solves the same global problem (one solve per rank: it is not split):
+
+    - ``grad: autodiff``: the student features are gathered with their gradient and the
+      gradient is taken through the iterations of the global solve;
+    - ``grad: envelope`` (``detach``): the global plan P is solved from the gathered features
+      without gradient, and each rank returns N times the cost of its own rows of P
+      (:func:`ucmkd.losses.ot.plan_cost`), whose gradient reaches its own features only: the
+      mean over ranks (DDP's) is the global ``<P, C>`` and its gradient; nothing but DDP's
+      all-reduce carries gradients across ranks. (``geomloss`` takes the autodiff route:
+      :func:`ucmkd.losses.ot.sinkhorn_plan` does not solve with it.)
     """
 
     def forward(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost=None) -> torch.Tensor:
         with torch.autocast(zs.device.type, enabled=False):
-            return super().forward(distributed.gather_with_grad(zs), zt, extra_cost)
+            if distributed.world_size() == 1 or self.grad == "autodiff" or self.backend == "geomloss":
+                return super().forward(distributed.gather_with_grad(zs), zt, extra_cost)
+            return self._global_plan_rows(zs, zt.detach(), extra_cost)
+
+    def _global_plan_rows(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost) -> torch.Tensor:
+        """N x <P[rows], C[rows]> for this rank's rows of the global plan P (envelope gradient)."""
+        cost = cost_matrix(distributed.gather(zs.detach()), zt, self.metric)
+        if extra_cost is not None:
+            cost = cost + extra_cost.to(cost.dtype)
+        plan = sinkhorn_plan(cost, self.eps, self.n_iter, backend=self.backend)
+        rows = distributed.local_rows
+        out = distributed.world_size() * plan_cost(rows(plan), zs, zt, self.metric,
+                                                   None if extra_cost is None else rows(extra_cost))
+        if not bool(torch.isfinite(out.detach())):
+            raise NumericalError(f"feature alignment: transport cost of this rank's rows is {float(out)} "
+                                 f"(backend={self.backend!r}, metric={self.metric!r}, eps={self.eps})")
+        return out
 
 
 def make_fa(p) -> FeatureAlignmentLoss:

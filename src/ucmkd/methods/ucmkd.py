@@ -59,6 +59,7 @@ class UCMKD(Distiller):
     @dataclass
     class Params(SemiParams, OTParams):
         threshold: float = 0.5      # lowest pseudo-label confidence the calibration may choose
+        grad: str = "envelope"      # OT gradient with the plan held fixed (docs/ot.md): ucmkd's design choice
         w_kd: float = 1.0           # class-level decoupled KD on the student head
         kd_alpha: float = 1.0       # TCKD weight inside the KD term
         kd_beta: float = 8.0        # NCKD weight inside the KD term
@@ -75,6 +76,7 @@ class UCMKD(Distiller):
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
         calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
+        gate_z: float = 1.0         # fall back when the shadow validates better by > gate_z standard errors
         retire_after: float = 0.2   # the CE shadow may retire once this fraction of training is done ...
         retire_z: float = 3.0       # ... when the student leads it by > retire_z standard errors (val acc) ...
         retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
@@ -91,6 +93,8 @@ class UCMKD(Distiller):
             raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
         if p.calib_items < 1:
             raise ConfigError(f"method 'ucmkd': calib_items must be >= 1, got {p.calib_items}")
+        if p.gate_z < 0:
+            raise ConfigError(f"method 'ucmkd': gate_z must be >= 0, got {p.gate_z}")
         if not 0.0 <= p.retire_after <= 1.0 or p.retire_z < 0 or p.retire_epochs < 1:
             raise ConfigError(f"method 'ucmkd': retire_after must be in [0, 1], retire_z >= 0 and "
                               f"retire_epochs >= 1; got {p.retire_after}, {p.retire_z}, {p.retire_epochs}")
@@ -116,15 +120,23 @@ class UCMKD(Distiller):
 
     def candidates(self) -> dict:
         fb = self._shadow()
-        return {**super().candidates(), **({"fallback": fb} if fb is not None else {})}
+        return {"student": self.student, **({"fallback": fb} if fb is not None else {})}
 
     def select_candidate(self, records: dict) -> str:
-        """The CE shadow when its best validation accuracy is strictly above the student's (never
-        once it has retired: the student then led it clearly)."""
+        """The CE shadow when its best validation accuracy beats the student's by more than
+        ``gate_z`` standard errors of the difference (distillation that only looks worse by noise
+        is kept); never once the shadow has retired (the student then led it clearly)."""
         fb = records.get("fallback")
         if fb is None or not bool(self.extra["gate"].active):
             return "student"
-        return "fallback" if fb["val_acc"] > records["student"]["val_acc"] else "student"
+        a, b = records["student"]["val_acc"], fb["val_acc"]
+        return "fallback" if b - a > self.params.gate_z * self._se(a, b) else "student"
+
+    def _se(self, a: float, b: float) -> float:
+        """Standard error of a difference of two accuracies a, b on the n validation items (the
+        binomial variance of each; at least 1/n, so one item always counts)."""
+        n = max(1, int(self.extra["gate"].n_val))
+        return max(math.sqrt(max(a * (1 - a) + b * (1 - b), 0.0) / n), 1.0 / n)
 
     def end_epoch(self, x_val, y_val, row: dict) -> dict:
         """Calibrate the pseudo-label threshold, then decide whether the CE shadow retires: once
@@ -136,10 +148,10 @@ class UCMKD(Distiller):
         out = self.calibrate(x_val, y_val)
         if self._shadow() is None or "fallback_val_acc" not in row:
             return out
-        p, gate, n = self.params, self.extra["gate"], max(1, len(y_val))
+        p, gate = self.params, self.extra["gate"]
+        gate.n_val.fill_(len(y_val))
         a, b = row["val_acc"], row["fallback_val_acc"]
-        se = max(math.sqrt((a * (1 - a) + b * (1 - b)) / n), 1.0 / n)
-        lead = self.progress >= p.retire_after and a - b > p.retire_z * se
+        lead = self.progress >= p.retire_after and a - b > p.retire_z * self._se(a, b)
         gate.lead.fill_(int(gate.lead) + 1 if lead else 0)
         if int(gate.lead) >= p.retire_epochs:
             gate.active.fill_(False)
@@ -283,9 +295,11 @@ class UCMKD(Distiller):
 
 class ShadowGate(nn.Module):
     """State of ucmkd's CE shadow, checkpointed with the method: ``active`` (still training) and
-    ``lead`` (consecutive epochs in which the student led it clearly)."""
+    ``lead`` (consecutive epochs in which the student led it clearly) and ``n_val`` (validation
+    items behind the accuracies compared)."""
 
     def __init__(self):
         super().__init__()
         self.register_buffer("active", torch.tensor(True))
         self.register_buffer("lead", torch.tensor(0))
+        self.register_buffer("n_val", torch.tensor(0))
