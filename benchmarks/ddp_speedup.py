@@ -18,6 +18,11 @@ bucket), in bytes each rank contributes per training step.
 
 Setting: digits, image teacher -> signal student (the default digits models), 50 labels per
 class (500 labelled items, so a batch of 256 is not clamped), ucmkd with its defaults.
+
+``--breakdown`` times the training step alone (16 steps on fixed batches, process CPU time and
+wall time per step, 1 process and rank 0 of 2) for ucmkd and for ucmkd without its OT term
+(``w_fa: 0``) and without its CE shadow (``fallback: false``): what a step costs, and which part
+does not shrink with the shard.
 """
 from __future__ import annotations
 
@@ -91,15 +96,59 @@ def worker(out: str, epochs: int) -> None:
     distributed.shutdown()
 
 
-def _launch(world: int, epochs: int, out: Path) -> dict:
+BREAKDOWN = {"ucmkd": {}, "ucmkd, w_fa 0": {"w_fa": 0.0}, "ucmkd, fallback off": {"fallback": False},
+             "ucmkd, w_fa 0, fallback off": {"w_fa": 0.0, "fallback": False}}
+
+
+def step_worker(out: str) -> None:
+    """Time 16 training steps (after 2 warm-up steps) of every BREAKDOWN variant."""
+    from ucmkd.api import prepare
+    from ucmkd.engine import distributed
+
+    torch.set_num_threads(1)
+    res = {}
+    for name, params in BREAKDOWN.items():
+        cfg = config(1)
+        cfg.method.params = params
+        ctx = prepare(cfg)
+        trainer = ctx.trainer()
+        batches = list(ctx.sampler.epoch(0))
+        trainer.distiller.train()
+        trainer.distiller.progress = 0.5
+        with distributed.active(ctx.dist):
+            for b in batches[:2]:
+                trainer.strategy.step(b)
+            distributed.barrier(ctx.dist)
+            c0, t0 = time.process_time(), time.perf_counter()
+            for b in batches + batches:
+                trainer.strategy.step(b)
+        res[name] = {"cpu_ms": 1000 * (time.process_time() - c0) / 16, "wall_ms": 1000 * (time.perf_counter() - t0) / 16}
+    dp = distributed.init_from_env()
+    if dp is None or dp.is_main:
+        Path(out).write_text(json.dumps(res))
+    distributed.shutdown()
+
+
+def breakdown() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        got = {w: _launch(w, 0, Path(tmp) / f"b{w}.json", "--step-worker") for w in (1, 2)}
+    print(f"load {load()}\n\n| variant | 1 process: CPU ms/step (wall) | rank 0 of 2: CPU ms/step (wall) | CPU ratio |")
+    print("|---|---|---|---|")
+    for name in BREAKDOWN:
+        a, b = got[1][name], got[2][name]
+        print(f"| {name} | {a['cpu_ms']:.1f} ({a['wall_ms']:.1f}) | {b['cpu_ms']:.1f} ({b['wall_ms']:.1f}) | "
+              f"{a['cpu_ms'] / b['cpu_ms']:.2f}x |")
+
+
+def _launch(world: int, epochs: int, out: Path, mode: str = "--worker") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     src = str(HERE.parents[1] / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    args = [str(HERE), mode, str(out), "--epochs", str(epochs)]
     if world == 1:
-        cmd = [sys.executable, str(HERE), "--worker", str(out), "--epochs", str(epochs)]
+        cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(HERE),
-               "--worker", str(out), "--epochs", str(epochs)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *args]
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
     return json.loads(out.read_text())
 
@@ -111,15 +160,21 @@ def load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--step-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--breakdown", action="store_true", help="time the training step of ucmkd variants instead")
     ap.add_argument("--epochs", type=int, default=4, help="timed epochs per run (8 steps each)")
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.epochs)
+    if a.step_worker:
+        return step_worker(a.step_worker)
     from ucmkd.api import prepare
 
     torch.set_num_threads(1)
     prepare(config(a.epochs))                      # teacher and data into the cache, untimed
+    if a.breakdown:
+        return breakdown()
     rows, ratios = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(a.repeats):
