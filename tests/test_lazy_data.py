@@ -8,7 +8,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -104,22 +103,32 @@ def test_lazy_items_equal_the_in_memory_ones(pairs, name):
 
 def test_reading_a_batch_touches_only_its_rows(pairs, monkeypatch):
     _, lazy = pairs["synthetic/b"]
-    seen = []
-    orig = np.memmap.__getitem__
+    import ucmkd.data.lazy as lazy_mod
 
-    def spy(self, key):
-        seen.append(key)
-        return orig(self, key)
+    reads = []
+    orig = lazy_mod.os.preadv
 
-    monkeypatch.setattr(np.memmap, "__getitem__", spy)
-    rows = np.array([310, 12, 57, 12])
-    lazy.x[rows]
-    touched = np.concatenate([np.atleast_1d(np.arange(k.start, k.stop)) if isinstance(k, slice) else np.asarray(k)
-                              for k in seen])
-    assert sorted(set(touched.tolist())) == [12, 57, 310]
-    seen.clear()
+    def spy(fd, buffers, offset):
+        reads.append((offset, sum(memoryview(b).nbytes for b in buffers)))
+        return orig(fd, buffers, offset)
+
+    monkeypatch.setattr(lazy_mod.os, "preadv", spy)
+    monkeypatch.setattr(np.memmap, "__getitem__", lambda *a: pytest.fail("read through the memory map"))
+    row, base = 4 * lazy.x.shape[1], lazy.x._file[1]
+    got = lazy.x[np.array([310, 12, 57, 12])]
+    assert [((o - base) // row, n // row) for o, n in reads] == [(12, 1), (57, 1), (310, 1)]   # each row once
+    assert torch.equal(got[1], got[3])
+    reads.clear()
     lazy.x[40:48]
-    assert seen == [slice(40, 48, None)]
+    assert [((o - base) // row, n // row) for o, n in reads] == [(40, 8)]                     # one read per run
+
+
+def test_without_preadv_the_memory_map_gives_the_same_rows(pairs):
+    _, lazy = pairs["synthetic/b"]
+    fallback = lazy.x.subset(slice(None))
+    fallback._file_handle = None                 # a platform without os.preadv
+    idx = torch.tensor([9, 2, 2, 300, 31])
+    assert torch.equal(fallback[idx], lazy.x[idx]) and torch.equal(fallback[5:60], lazy.x[5:60])
 
 
 # --------------------------------------------------------------------------- statistics
@@ -299,18 +308,14 @@ KEYS = ["test_acc", "val_acc", "best_epoch", "last_test_acc", "candidates", "tea
 
 
 def _big_modality(path: Path) -> None:
-    """[N_BIG, D_BIG] features of 4 classes with per-column scales 1e-2..1e2, written in blocks."""
-    rng = np.random.default_rng(0)
-    y = np.arange(N_BIG) % 4
-    means = rng.normal(size=(4, D_BIG)).astype(np.float32)
-    noise = rng.normal(size=(4096, D_BIG)).astype(np.float32)
-    scale = np.logspace(-2, 2, D_BIG).astype(np.float32)
-    blocks = ((means[y[a:a + 4096]] + np.roll(noise, a // 4096, axis=0)[:len(y[a:a + 4096])]) * scale
-              for a in range(0, N_BIG, 4096))
-    write_npz_rows(path, "x", (N_BIG, D_BIG), np.float32, blocks)
-    with zipfile.ZipFile(path, "a") as zf:
-        with zf.open("y.npy", "w") as f:
-            np.lib.format.write_array(f, y)
+    """[N_BIG, D_BIG] features of 4 classes with per-column scales 1e-2..1e2, written in blocks
+    (the writer of ``benchmarks/data_memory.py``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_memory", Path(__file__).parents[1] / "benchmarks" / "data_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.write_modality(path, N_BIG, D_BIG)
 
 
 def test_training_on_a_modality_larger_than_the_memory_limit(tmp_path):
@@ -318,7 +323,7 @@ def test_training_on_a_modality_larger_than_the_memory_limit(tmp_path):
     heap and every private writable mapping, what a materialised modality would need; a read-only
     file mapping is not counted) may grow only 192 MiB above its post-import size gives exactly
     the in-memory run's result.json numbers (and run key); its peak RSS grows by far less than
-    the modality (mapped file pages are released as they are read)."""
+    the modality (batches are read with preadv; the statistics pass unmaps what it read)."""
     big, small = tmp_path / "big.npz", tmp_path / "teacher.npz"
     _big_modality(big)
     rng = np.random.default_rng(1)

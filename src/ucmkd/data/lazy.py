@@ -2,19 +2,22 @@
 
 A modality too large for memory keeps its raw inputs in a file (a decoded ``.npz`` cache, a
 ``.npy``, a user's uncompressed ``.npz``), memory-mapped read-only; ``x[idx]`` reads the rows
-``idx`` (and only those: under DDP a rank's batch touches only its rows), converts them to
-float32 and standardises them, so it returns exactly the tensor that the in-memory modality's
+``idx`` (and only those: under DDP a rank's batch touches only its rows; by ``os.preadv``, so
+nothing of the file is mapped into the process), converts them to float32 and standardises them, so it returns exactly the tensor that the in-memory modality's
 ``x[idx]`` would. Nothing else of the file is resident unless read.
 """
 from __future__ import annotations
 
 import math
+import os
+import weakref
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ..cache import MAP_GRANULE, RELEASE_BYTES, PageRelease, is_file_backed
+from ..errors import DataError
 from .standardize import Standardizer, chunk_rows
 
 #: Bytes of float32 inputs one evaluation / table-building / diagnostics chunk holds at most
@@ -27,6 +30,44 @@ def batch_rows(shape: tuple, max_rows: int = 1024) -> int:
     larger than ``READ_BYTES / max_rows`` (the same for an in-memory and a lazy modality, so
     both give the same chunks and bit-identical results)."""
     return max(1, min(int(max_rows), chunk_rows(shape, READ_BYTES)))
+
+
+class _File:
+    """A read-only file descriptor, closed with its last user; ``read_rows`` reads rows by
+    ``os.preadv`` (offset-addressed: safe to share across threads and forked processes)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fd = os.open(name, os.O_RDONLY)
+        weakref.finalize(self, os.close, self.fd)
+
+    def read_rows(self, rows: np.ndarray, dtype: np.dtype, shape: tuple, offset: int) -> np.ndarray:
+        """Rows ``rows`` (sorted) of the C-order array [N, *shape] of ``dtype`` at ``offset``."""
+        out = np.empty((len(rows), *shape), dtype)
+        row = out.nbytes // len(rows)
+        starts = np.concatenate([[0], np.nonzero(np.diff(rows) != 1)[0] + 1, [len(rows)]])
+        for a, b in zip(starts[:-1], starts[1:]):
+            got = os.preadv(self.fd, [out[a:b]], offset + int(rows[a]) * row)
+            if got != (b - a) * row:
+                raise DataError(f"{self.name}: file ends early: {got} of {(b - a) * row} bytes at row {rows[a]}")
+        return out
+
+
+class _Shared:
+    """One :class:`_File` per file name and process, shared by a LazyArray and its subsets."""
+
+    def __init__(self):
+        self._files: "weakref.WeakValueDictionary[tuple, _File]" = weakref.WeakValueDictionary()
+
+    def get(self, name: str) -> _File:
+        key = (os.getpid(), name)
+        f = self._files.get(key)
+        if f is None:
+            f = self._files[key] = _File(name)
+        return f
+
+
+_share = _Shared()
 
 
 class LazyArray:
@@ -55,6 +96,7 @@ class LazyArray:
         self.standardizer = standardizer
         self._rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self._release = PageRelease(source)     # keeps the pages read out of this process's RSS
+        self._file_handle = _share.get(self._file[0]) if hasattr(os, "preadv") else None
 
     # ------------------------------------------------------------------ shape
     @property
@@ -106,26 +148,27 @@ class LazyArray:
         return pos, arr.ndim == 0
 
     def read_raw(self, pos: np.ndarray) -> np.ndarray:
-        """Raw rows at positions ``pos`` as float32 [len(pos), *input_shape]: one slice when the
-        positions are consecutive, else a gather in file order (only those rows are read)."""
+        """Raw rows at positions ``pos`` as float32 [len(pos), *input_shape], read in file order,
+        one ``os.preadv`` per run of consecutive rows (only those rows are read; nothing is
+        mapped into the process, so its resident set holds just the result). Where ``preadv`` is
+        missing, a gather from the memory map in groups whose mapped pages are released."""
         rows = pos if self._rows is None else self._rows[pos]
+        shape = self._src.shape[1:]
         if len(rows) == 0:
-            return np.empty((0, *self._src.shape[1:]), np.float32)
-        lo = int(rows[0])
-        nbytes = len(rows) * self._src.itemsize * math.prod(self._src.shape[1:])
-        if rows[-1] - lo == len(rows) - 1 and (len(rows) == 1 or (np.diff(rows) == 1).all()):
-            out = np.array(self._src[lo:lo + len(rows)], dtype=np.float32)
-            self._release.add(nbytes)
-        else:    # in file order, in groups whose mapped folios stay under RELEASE_BYTES
-            order = np.argsort(rows, kind="stable")
-            out = np.empty((len(rows), *self._src.shape[1:]), np.float32)
-            row = nbytes // len(rows)
+            return np.empty((0, *shape), np.float32)
+        in_order = len(rows) == 1 or bool((np.diff(rows) > 0).all())
+        uniq, inverse = (rows, None) if in_order else np.unique(rows, return_inverse=True)   # each row read once
+        if self._file_handle is not None:
+            raw = self._file_handle.read_rows(uniq, self._src.dtype, shape, self._file[1])
+        else:
+            raw = np.empty((len(uniq), *shape), self._src.dtype)
+            row = raw.nbytes // len(uniq)
             group = max(1, RELEASE_BYTES // max(row, MAP_GRANULE) - 1)
-            for g in range(0, len(rows), group):
-                sel = order[g:g + group]
-                out[sel] = self._src[rows[sel]]
-                self._release.add(row * len(sel), items=len(sel))
-        return out
+            for g in range(0, len(uniq), group):
+                raw[g:g + group] = self._src[uniq[g:g + group]]
+                self._release.add(row * len(raw[g:g + group]), items=len(raw[g:g + group]))
+        raw = raw.astype(np.float32, copy=False)
+        return raw if inverse is None else raw[inverse.reshape(-1)]
 
     def __getitem__(self, idx) -> torch.Tensor:
         pos, scalar = self._positions(idx)

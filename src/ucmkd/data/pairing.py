@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig, PairingConfig, check_ranges
 from ..errors import ConfigError, DataError
@@ -78,24 +78,36 @@ class BatchPlan:
 
 
 class BatchReader(Dataset):
-    """Item ``i`` = the inputs and labels of plan ``i``: (xs, ys, xt, yt, xu), None where the
-    plan has no such part. Reads ``modality.x[idx]``, so a lazy modality reads only the rows of
-    the batch (a DataLoader's workers each read whole batches)."""
+    """``reader[plan]`` = the inputs and labels of a :class:`BatchPlan`: (xs, ys, xt, yt, xu),
+    None where the plan has no such part. Reads ``modality.x[idx]``, so a lazy modality reads only
+    the rows of the batch (a DataLoader's workers each read whole batches, the plans reaching
+    them through the loader's sampler, :class:`PlanSource`)."""
 
-    def __init__(self, student: ModalityData, teacher: Optional[ModalityData], plans: list):
-        self.student, self.teacher, self.plans = student, teacher, plans
+    def __init__(self, student: ModalityData, teacher: Optional[ModalityData]):
+        self.student, self.teacher = student, teacher
 
-    def __len__(self) -> int:
-        return len(self.plans)
-
-    def __getitem__(self, i: int) -> tuple:
-        p, s, t = self.plans[i], self.student, self.teacher
+    def __getitem__(self, p: BatchPlan) -> tuple:
+        s, t = self.student, self.teacher
         xt = yt = xu = None
         if p.ti is not None:
             xt, yt = t.x[p.ti], t.y[p.ti]
         if p.ui is not None:
             xu = s.x[p.ui]
         return s.x[p.si], s.y[p.si], xt, yt, xu
+
+
+class PlanSource(Sampler):
+    """The DataLoader's sampler: yields the current epoch's plans (set before each epoch), so one
+    loader with persistent workers serves every epoch."""
+
+    def __init__(self):
+        self.plans: list = []
+
+    def __iter__(self):
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
 
 
 def validate_pairing(cfg: PairingConfig) -> None:
@@ -151,6 +163,7 @@ class PairingSampler:
         if workers < 0 or prefetch < 1:
             raise ConfigError(f"data.workers must be >= 0 and data.prefetch >= 1, got {workers} and {prefetch}")
         self.workers, self.prefetch, self.pin_memory = int(workers), int(prefetch), bool(pin_memory)
+        self._loader: Optional[DataLoader] = None
         if teacher is not None:
             check_compatible(student, teacher)
         self.student, self.teacher, self.cfg = student, teacher, cfg
@@ -310,14 +323,17 @@ class PairingSampler:
             yield batch
 
     def _read(self, plans: list) -> Iterator[tuple]:
-        reader = BatchReader(self.student, self.teacher, plans)
         lazy = self.student.lazy or (self.teacher is not None and self.teacher.lazy)
         if self.workers == 0 or not lazy:
-            return (reader[i] for i in range(len(reader)))
-        from torch.utils.data import DataLoader
-
-        return iter(DataLoader(reader, batch_size=None, shuffle=False, num_workers=self.workers,
-                               prefetch_factor=self.prefetch, pin_memory=self.pin_memory))
+            reader = BatchReader(self.student, self.teacher)
+            return (reader[p] for p in plans)
+        if self._loader is None:          # started on first use, its workers kept for every epoch
+            self._source = PlanSource()
+            self._loader = DataLoader(BatchReader(self.student, self.teacher), sampler=self._source, batch_size=None,
+                                      num_workers=self.workers, prefetch_factor=self.prefetch,
+                                      pin_memory=self.pin_memory, persistent_workers=True)
+        self._source.plans = plans
+        return iter(self._loader)
 
     def _teacher_indices(self, si, ys, rng) -> np.ndarray:
         mode = self.cfg.mode
