@@ -248,7 +248,8 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     where = raw.source or name
     mode = resolve_mode(cfg.standardize, raw.kind)
     lazy = reads_lazily(raw.x, cfg)
-    if not lazy and isinstance(raw.x, np.memmap):
+    owned = not lazy and isinstance(raw.x, np.memmap)
+    if owned:
         raw = dataclasses.replace(raw, x=read_whole(raw.x))          # a file read whole into memory
     validate_raw(raw, name, check_values=not lazy)
     splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed, raw.split, raw.groups, where=where)
@@ -257,14 +258,16 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
         st = _lazy_standardizer(src, splits["train"].numpy(), mode, name, cfg, where)
         x = LazyArray(src, st)
     else:
-        # the standardised tensor is a new one (never the builder's array: builders may return
-        # memoised arrays, synthetic's lru_cache, which an in-place edit must not corrupt)
+        # the builder's array is never edited (builders may return memoised arrays, synthetic's
+        # lru_cache): the standardised tensor is a new one, unless the array is this load's own
+        # (read from a file, or converted to float32), which is then standardised in place
         x = torch.as_tensor(raw.x, dtype=torch.float32)
+        owned = owned or raw.x.dtype != np.float32
         if mode == "global":
             st = global_in_memory(x, splits["train"])
         else:
             st = fit(x, splits["train"].numpy(), mode, tuple(x.shape[1:]), where=where)
-        x = st(x)
+        x = st(x, inplace=owned)
     pid = None if raw.pair_id is None else torch.tensor(raw.pair_id, dtype=torch.long)
     return ModalityData(name=name, kind=raw.kind, x=x, y=torch.tensor(raw.y, dtype=torch.long),
                         classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,

@@ -71,8 +71,11 @@ class Standardizer:
         return cls("per_feature", torch.as_tensor(np.asarray(mean, np.float32).reshape(shape)),
                    torch.as_tensor(np.asarray(std, np.float32).reshape(shape)))
 
-    def __call__(self, x) -> torch.Tensor:
-        """Standardised float32 copy of ``x`` ([B, *input_shape], array or tensor)."""
+    def __call__(self, x, inplace: bool = False) -> torch.Tensor:
+        """Standardised float32 copy of ``x`` ([B, *input_shape], array or tensor); with
+        ``inplace``, ``x`` (a float32 tensor) itself is standardised and returned (same values)."""
+        if inplace:
+            return x if self.mode == "none" else x.sub_(self.mean).div_(self.std)
         if self.mode == "none":
             return torch.tensor(np.asarray(x), dtype=torch.float32) if not isinstance(x, torch.Tensor) \
                 else x.to(torch.float32, copy=True)
