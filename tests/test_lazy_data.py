@@ -341,6 +341,8 @@ def test_training_on_a_modality_larger_than_the_memory_limit(tmp_path):
                           str(HEADROOM_MB * 2 ** 20)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     child = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"modality {N_BIG * D_BIG * 4 >> 20} MiB, RLIMIT_DATA {child['limit'] >> 20} MiB, RSS after imports "
+          f"{child['rss0'] >> 20} MiB, peak {child['peak'] >> 20} MiB")      # pytest -s shows it
     assert child["result"] == json.loads(json.dumps({k: ref[k] for k in KEYS}))
     assert ref["val_acc"] > 0.5                                     # it learned (chance: 1/4)
     assert child["peak"] - child["rss0"] < N_BIG * D_BIG * 4 / 2
