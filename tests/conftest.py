@@ -6,6 +6,11 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run of a second or more (the fast tests alone: "
+                                       "pytest -m 'not slow')")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test uses a private cache dir unless it sets its own (never ~/.cache)."""

@@ -343,6 +343,7 @@ RUNS = [  # family, teacher modality, student modality, method, extra overrides
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fam,t,s,method,extra", RUNS, ids=[r[0] for r in RUNS])
 def test_two_epoch_distillation(tmp_path, built, fam, t, s, method, extra):
     root = built[fam][0]

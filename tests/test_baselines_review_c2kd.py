@@ -10,12 +10,14 @@ from scipy.stats import kendalltau
 from ucmkd.api import run
 from ucmkd.config import RunConfig
 from ucmkd.data.pairing import Batch
-from ucmkd.engine.strategies import STRATEGIES
 from ucmkd.errors import ConfigError
-from ucmkd.losses.c2kd import drop_target, kendall_tau, selected_kl
+from ucmkd.losses.c2kd import drop_target, kendall_tau
 from ucmkd.losses.reviewkd import hcl, hcl_pair
 from ucmkd.methods import build_distiller
 from ucmkd.models import build_classifier
+
+import references as ref
+from helpers import check_contract
 
 HCL_GOLDEN = 2.011506   # hcl(HCL_PAIRS) in float64, pinned to 6 decimals
 
@@ -35,23 +37,9 @@ def batch_for(s, t, n=10, k=3, seed=1):
     return Batch(torch.randn(n, *s.input_shape, generator=g), y, torch.randn(n, *t.input_shape, generator=g), y)
 
 
-def check_contract(d, batch):
-    d.train()
-    assert not d.teacher.training
-    t_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
-    out = d(batch)
-    assert out.logits.shape == (batch.xs.shape[0], d.student.num_classes)
-    assert "ce" in out.losses
-    assert all(torch.is_tensor(v) and v.dim() == 0 and math.isfinite(float(v.detach())) for v in out.losses.values())
-    opt = torch.optim.SGD(d.trainable_parameters(), lr=0.1)
-    logs = STRATEGIES.get(d.strategy)(d, opt, 5.0).step(batch)
-    assert all(math.isfinite(v) for v in logs.values())
-    grads = [p.grad for p in d.student.encoder.parameters() if p.grad is not None]
-    assert grads and any(float(g.abs().sum()) > 0 for g in grads), "no gradient reached the student"
-    assert all(p.grad is None for p in d.teacher.parameters()), "teacher received a gradient"
-    assert not d.teacher.training
-    for k, v in d.teacher.state_dict().items():
-        assert torch.equal(v, t_before[k]), f"teacher {k} changed"
+def check_extras(d, batch):
+    """The generic contract (helpers.check_contract), and every extra module gets a gradient."""
+    check_contract(d, batch)
     extra_grads = [p.grad for p in d.extra.parameters()]
     assert extra_grads and all(g is not None for g in extra_grads), "an extra module got no gradient"
 
@@ -78,7 +66,7 @@ def test_reviewkd_contract(student, teacher, conv):
         outs = d.review(s.encoder.forward_stages(b.xs))
         t_maps = t.encoder.forward_stages(b.xt)[-n_pairs:]
     assert [o.shape[1] for o in outs] == [m.shape[1] for m in t_maps]
-    check_contract(d, b)
+    check_extras(d, b)
 
 
 def test_reviewkd_warmup_ramps_linearly():
@@ -89,12 +77,12 @@ def test_reviewkd_warmup_ramps_linearly():
     d.progress = 1.0
     full = d(b).losses["hcl"]
     d.progress = 0.25
-    assert torch.allclose(d(b).losses["hcl"], 0.5 * full)
+    assert torch.equal(d(b).losses["hcl"], 0.5 * full)       # weights 0.5 and 2: exact scalings
     d.progress = 0.0
     assert float(d(b).losses["hcl"].detach()) == 0.0
     with torch.no_grad():
         raw = hcl(d.review(s.encoder.forward_stages(b.xs)), t.encoder.forward_stages(b.xt)[-d.n_pairs:])
-    assert torch.allclose(full, 2.0 * raw)
+    assert torch.equal(full, 2.0 * raw)
 
 
 @pytest.mark.parametrize("side", ["student", "teacher"])
@@ -196,7 +184,7 @@ def test_c2kd_contract():
     s, t = models(k=5)
     d = build_distiller("c2kd", s, t, {"krc": -1.0})
     assert {"student_proxy", "teacher_proxy"} <= set(d.extra) and "projector" not in d.extra
-    check_contract(d, batch_for(s, t, k=5))
+    check_extras(d, batch_for(s, t, k=5))
 
 
 def _proxies(d, b):
@@ -219,7 +207,7 @@ def test_c2kd_filter(krc):
     tau = np.array([kendalltau(np.delete(tl, y), np.delete(sl, y))[0]
                     for tl, sl, y in zip(t_logits.numpy(), logits.detach().numpy(), ys)])
     keep = np.ones(16, bool) if krc <= -1 else tau > krc
-    assert float(d.kept_fraction) == pytest.approx(keep.mean())
+    assert float(d.kept_fraction) == keep.mean()        # k / 16: exact in float32
 
     def softmax(v):
         e = np.exp(v - v.max())
@@ -236,8 +224,12 @@ def test_c2kd_filter(krc):
     sp, tp = s_proxy.detach().numpy(), t_proxy.detach().numpy()
     exp_t2s, exp_s2t = 0.5 * nt_kl(sp, tp), 0.5 * nt_kl(tp, sp)
     kd_t2s, kd_s2t = float(out.losses["kd_t2s"].detach()), float(out.losses["kd_s2t"].detach())
-    assert kd_t2s == pytest.approx(exp_t2s, abs=1e-6)
-    assert kd_s2t == pytest.approx(exp_s2t, abs=1e-6)
+    # float32: each KL row takes ~20 roundings of terms summing to T^2 sum p (|log p| + |log q|)
+    # <= T^2 * 2 (2 max|logit| / T + log(K - 1)); weight 0.5, kept rows / B
+    lmax = float(np.abs(np.concatenate([sp, tp])).max())
+    scale = 0.5 * 4.0 * 2 * (lmax + np.log(k - 1)) * keep.sum() / 16
+    assert kd_t2s == pytest.approx(exp_t2s, abs=ref.f32_bound(20, scale))
+    assert kd_s2t == pytest.approx(exp_s2t, abs=ref.f32_bound(20, scale))
     if krc == 1.0:
         assert not keep.any()
         assert kd_t2s == 0.0 and kd_s2t == 0.0
@@ -245,7 +237,6 @@ def test_c2kd_filter(krc):
         out.total.backward()   # still part of the graph
     elif krc == -1.0:
         assert keep.all() and kd_t2s > 0
-        assert torch.allclose(out.losses["kd_t2s"], 0.5 * selected_kl(s_proxy, t_proxy, 2.0, None, b.ys))
     else:
         assert 0 < keep.sum() < 16, "seed should give a mixed filter"
 
@@ -298,6 +289,7 @@ def digits_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("digits_cache")   # one teacher shared by both runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,loss", [("reviewkd", "hcl"), ("c2kd", "kd_t2s")])
 def test_end_to_end_digits(name, loss, digits_cache, tmp_path):
     cfg = RunConfig()

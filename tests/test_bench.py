@@ -30,6 +30,7 @@ def tiny_suite(**kw):
     return from_dict(SuiteConfig, d)
 
 
+@pytest.mark.slow
 def test_suite_outputs_and_statistics(tmp_path):
     out = tmp_path / "b"
     res = run_suite(tiny_suite(), out_dir=out, progress=False, log=lambda *a: None)
@@ -39,33 +40,35 @@ def test_suite_outputs_and_statistics(tmp_path):
     stored = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert len(stored) == 2 * 2 * 3
     assert all(r["code_version"].startswith("ucmkd") and r["config"]["method"]["name"] for r in stored)
-    # recompute the paired statistics independently from the per-run CSV
+    # recompute the paired statistics independently from the per-run CSV (float64 both ways; the
+    # deltas differ by the rounding of 100 a - 100 b vs 100 (a - b): ~1e-14 of values <= 100)
     runs = list(csv.DictReader(open(out / "results.csv")))
     acc = {(r["setting"], r["method"], int(r["seed"])): 100 * float(r["test_acc"]) for r in runs}
     summary = {(r["setting"], r["method"]): r for r in csv.DictReader(open(out / "summary.csv"))}
     for setting in ("mild", "noisy"):
         d = np.array([acc[(setting, "kd", k)] - acc[(setting, "ce", k)] for k in range(3)])
         row = summary[(setting, "kd")]
-        assert float(row["delta_mean"]) == pytest.approx(d.mean())
+        assert float(row["delta_mean"]) == pytest.approx(d.mean(), rel=1e-12, abs=1e-12)
         if d.std() > 0:
             lo, hi = stats.t.interval(0.95, 2, loc=d.mean(), scale=d.std(ddof=1) / math.sqrt(3))
-            assert float(row["ci_low"]) == pytest.approx(lo)
-            assert float(row["ci_high"]) == pytest.approx(hi)
-            assert float(row["wilcoxon_p"]) == pytest.approx(stats.wilcoxon(d).pvalue)
+            assert float(row["ci_low"]) == pytest.approx(lo, rel=1e-12, abs=1e-12)
+            assert float(row["ci_high"]) == pytest.approx(hi, rel=1e-12, abs=1e-12)
+            assert float(row["wilcoxon_p"]) == pytest.approx(stats.wilcoxon(d).pvalue, rel=1e-12)
     assert "### noisy: noisier view B" in res["tables"]
     assert "Wilcoxon p" in res["tables"]
 
 
 def test_paired_stats_known_values():
     s = paired_stats(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
-    assert s["delta_mean"] == 3.0 and s["delta_std"] == pytest.approx(math.sqrt(2.5))
+    assert s["delta_mean"] == 3.0 and s["delta_std"] == pytest.approx(math.sqrt(2.5), rel=1e-15)
     half = 2.7764451051977987 * math.sqrt(2.5) / math.sqrt(5)   # t_{0.975, 4}
-    assert (s["ci_low"], s["ci_high"]) == pytest.approx((3 - half, 3 + half))
-    assert s["wilcoxon_p"] == pytest.approx(0.0625)          # exact, all 5 positive
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((3 - half, 3 + half), rel=1e-14)   # float64
+    assert s["wilcoxon_p"] == 0.0625          # exact: all 5 positive, 2 / 2^5
     assert paired_stats(np.zeros(3))["wilcoxon_p"] == 1.0
     assert math.isnan(paired_stats(np.array([1.0]))["ci_low"])
 
 
+@pytest.mark.slow
 def test_only_and_resume_never_rerun(tmp_path):
     out = tmp_path / "b"
     quiet = {"progress": False, "log": lambda *a: None}
@@ -80,16 +83,6 @@ def test_only_and_resume_never_rerun(tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == n2
     with pytest.raises(ConfigError, match="--only 'zzz' matches no setting"):
         run_suite(tiny_suite(seeds=[0]), out_dir=out, only="zzz", **quiet)
-
-
-def test_parallel_workers_give_the_same_results(tmp_path):
-    quiet = {"progress": False, "log": lambda *a: None}
-    suite = tiny_suite(seeds=[0, 1], settings={"mild": {"overrides": {}}})
-    serial = run_suite(suite, out_dir=tmp_path / "s", workers=1, **quiet)["results"]
-    par = run_suite(suite, out_dir=tmp_path / "p", workers=2, **quiet)["results"]
-    key = lambda r: (r["method"], r["seed"])
-    assert [(key(r), r["test_acc"]) for r in sorted(serial, key=key)] == \
-           [(key(r), r["test_acc"]) for r in sorted(par, key=key)]
 
 
 def test_store_tolerates_a_torn_last_line_but_not_a_corrupt_one(tmp_path):

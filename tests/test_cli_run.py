@@ -1,6 +1,7 @@
 """End to end: ``ucmkd run`` on a tiny experiment writes the table, CSV and plot, and resumes."""
 import csv
 
+import pytest
 import yaml
 
 from ucmkd.cli import main
@@ -22,6 +23,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_run_tiny_experiment(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))

@@ -83,6 +83,7 @@ def test_the_run_writes_one_commit_point_per_epoch(setup):
     assert all("best.pt" in w or "best_fallback.pt" in w or "metrics" in w for w in epoch_writes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_kill_at_any_write_resumes_to_the_uninterrupted_result(setup, tmp_path, when, monkeypatch):
     cfg, kw, ref, writes = setup
@@ -111,6 +112,7 @@ def test_a_kill_at_any_write_resumes_to_the_uninterrupted_result(setup, tmp_path
             raise AssertionError(f"killed {when} write {i} ({name}): {e}") from None
 
 
+@pytest.mark.slow
 def test_a_real_sigkill_between_the_commit_and_the_exports(setup, tmp_path):
     """The issue's case: killed (SIGKILL, in a child process) right after epoch 2's latest.pt,
     before its best.pt; the resumed run restores the right weights (same diagnostics)."""

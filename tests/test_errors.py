@@ -183,7 +183,7 @@ def test_load_teacher_round_trip(tmp_path, teacher_setup):
     assert not loaded.training
     assert not any(q.requires_grad for q in loaded.parameters())
     x = data.x[:4]
-    assert torch.allclose(loaded(x), model.eval()(x))
+    assert torch.equal(loaded(x), model.eval()(x))          # the same weights: the same bits
 
 
 def test_load_teacher_wrong_width(tmp_path, teacher_setup):
@@ -302,3 +302,152 @@ def test_backbone_args_are_passed_and_checked():
     assert len(m.encoder.stages) == 2
     with pytest.raises(ConfigError, match="bad arguments for backbone 'cnn1d'"):
         build_classifier((1, 40), "signal", 10, backbone_args={"depht": 2})
+
+
+# --------------------------------------------------------------------------- models and runs (issue 13, item 5)
+def _model_cfg(tmp_path, *overrides):
+    return load_config(RunConfig, None, ["data.teacher=synthetic/a", "data.student=synthetic/b",
+                                         "data.synthetic.n_items=240", "data.synthetic.num_classes=4",
+                                         f"data.cache_dir={tmp_path}", "model.teacher_width=8",
+                                         "model.teacher_feat_dim=8", "teacher.epochs=1", "optim.epochs=1",
+                                         "optim.steps_per_epoch=1", "method.name=kd", *overrides])
+
+
+def test_student_encoder_width_differs_from_feat_dim(tmp_path):
+    from ucmkd.models import Classifier
+
+    cfg = _model_cfg(tmp_path)
+    d = load_modality("synthetic/b", cfg.data)
+    enc = torch.nn.Sequential(torch.nn.Linear(d.input_shape[0], 32))
+    with pytest.raises(DataError, match=r"student_model 'model': its encoder maps \[2, 48\] to \[2, 32\], "
+                                        r"but feat_dim=16 \(the head takes \[B, 16\]\)"):
+        run(cfg, student_model=Classifier(enc, feat_dim=16, num_classes=4, input_shape=d.input_shape))
+
+
+def test_student_model_that_is_not_a_classifier(tmp_path):
+    cfg = _model_cfg(tmp_path)
+    with pytest.raises(ConfigError, match=r"student_model: expected a ucmkd.models.Classifier.*got Sequential"):
+        run(cfg, student_model=torch.nn.Sequential(torch.nn.Linear(48, 4)))
+
+
+def test_student_model_with_other_classes_or_input(tmp_path):
+    cfg = _model_cfg(tmp_path)
+    with pytest.raises(DataError, match=r"student_model 'model': 3 classes, but 'synthetic/b' has 4"):
+        run(cfg, student_model=build_classifier((48,), "vector", 3, width=4, feat_dim=8))
+    with pytest.raises(DataError, match=r"input_shape \[40\], but 'synthetic/b' items are \[48\]"):
+        run(cfg, student_model=build_classifier((40,), "vector", 4, width=4, feat_dim=8))
+
+
+def test_label_budget_larger_than_a_class(tmp_path):
+    cfg = _model_cfg(tmp_path, "pairing.label_budget=1000", "method.name=ucmkd")
+    with pytest.raises(ConfigError, match=r"pairing.label_budget=1000 is more than the \d+ training items of "
+                                          r"class 'c\d' in 'synthetic/b'.*or null"):
+        run(cfg)
+
+
+def test_teacher_test_acc_is_measured_when_no_info_is_given(tmp_path):
+    from ucmkd.api import load_pair
+    from ucmkd.engine import evaluate, get_teacher
+
+    cfg = _model_cfg(tmp_path)
+    student, teacher_data = load_pair(cfg)
+    teacher, info = get_teacher(cfg, teacher_data)
+    res = run(cfg, student=student, teacher_data=teacher_data, teacher=teacher)     # no teacher_info
+    assert res["teacher_test_acc"] == evaluate(teacher, *teacher_data.split("test"))[0] == info["test_acc"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-1", "optim.lr: expected a value > 0.0, got -1.0"),
+    ("optim.batch_size=0", "optim.batch_size: expected a value >= 1, got 0"),
+    ("optim.epochs=0", "optim.epochs: expected a value >= 1, got 0"),
+    ("data.val_frac=1.5", "data.val_frac: expected a value in (0.0, 1.0), got 1.5"),
+    ("pairing.label_budget=0", "pairing.label_budget: expected a value >= 1, got 0"),
+    ("seed=-3", "seed: expected a value >= 0, got -3"),
+])
+def test_cli_out_of_range_values(capsys, tmp_path, override, message):
+    code, _, err = cli(capsys, "train", override, f"data.cache_dir={tmp_path}")
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_out_of_range_value_set_in_python(tmp_path):
+    cfg = _model_cfg(tmp_path)
+    cfg.optim.lr = -1.0                       # never went through from_dict: prepare checks it
+    with pytest.raises(ConfigError, match=r"optim.lr: expected a value > 0.0, got -1.0"):
+        run(cfg)
+
+
+def test_cuda_device_without_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device: 'cuda', but no CUDA device is available"):
+        run(_model_cfg(tmp_path, "device=cuda"))
+
+
+def test_preflight_applies_needs_pairs_before_any_teacher_trains(tmp_path, monkeypatch):
+    """paired-kd with class-matched batches fails in preflight, before a teacher trains."""
+    import ucmkd.engine.teacher as teacher_mod
+    from ucmkd.config import ExperimentConfig, from_dict
+    from ucmkd.experiment import run_experiment
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a teacher was trained before the grid was checked")
+
+    monkeypatch.setattr(teacher_mod, "get_teacher", no_teacher)
+    monkeypatch.setattr("ucmkd.engine.get_teacher", no_teacher)
+    exp = from_dict(ExperimentConfig, {"methods": ["ce", "paired-kd"], "seeds": [0],
+                                       "directions": [["synthetic/a", "synthetic/b"]],
+                                       "base": {"data": {"synthetic": {"n_items": 240, "num_classes": 4}}}})
+    with pytest.raises(ConfigError, match=r"method 'paired-kd'.*needs pairing.mode: paired, got 'class-matched'"):
+        run_experiment(exp, tmp_path / "out", progress=False, log=lambda *a: None)
+
+
+def test_bad_pairing_fails_before_any_teacher_trains(tmp_path, monkeypatch):
+    import ucmkd.api as api
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a teacher was trained before the config was checked")
+
+    monkeypatch.setattr(api, "get_teacher", no_teacher)
+    with pytest.raises(ConfigError, match=r"unknown pairing.mode 'bogus'; known: class-matched, unpaired, paired"):
+        run(_model_cfg(tmp_path, "pairing.mode=bogus"))
+
+
+def test_checkpoint_of_an_older_format(tmp_path):
+    from ucmkd.api import prepare
+
+    cfg = _model_cfg(tmp_path, "method.name=ce")
+    ctx = prepare(cfg)
+    d = tmp_path / "run"
+    save_checkpoint({"config_hash": ctx.key, "model": {}, "best": {}}, d / "latest.pt")   # format 1: no "format"
+    with pytest.raises(DataError, match=r"latest.pt: checkpoint format 1 \(an older ucmkd\).*fresh run directory"):
+        run(cfg, run_dir=d)
+
+
+def test_every_row_of_the_error_matrix_has_a_test():
+    """docs/errors.md: each row names the test that produces its error text."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+    rows = [line for line in doc.read_text().splitlines() if line.startswith("| ") and "::test_" in line]
+    assert len(rows) >= 40
+    for row in rows:
+        for module, name in re.findall(r"`tests/(test_\w+)\.py::(test_\w+)", row):
+            assert hasattr(importlib.import_module(module), name), f"{module}::{name} (docs/errors.md) does not exist"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.name=ucmkd-joint", "method.params.metric=l3"], "l3"),
+    (["data.teacher=digits/image", "data.student=digits/signal", "data.mnist1d_samples=600", "pairing.mode=paired"],
+     r"pairing.mode 'paired' needs true pairs"),
+    (["method.name=reviewkd"], r"ReviewKD needs multi-stage feature maps"),
+])
+def test_run_mistakes_fail_before_the_teacher_trains(tmp_path, monkeypatch, overrides, message):
+    import ucmkd.api as api
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a teacher was trained before the run was checked")
+
+    monkeypatch.setattr(api, "get_teacher", no_teacher)
+    with pytest.raises(UcmkdError, match=message):
+        run(_model_cfg(tmp_path, *overrides))

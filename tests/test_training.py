@@ -35,7 +35,7 @@ def small_cfg(method="ucmkd-joint", epochs=4, **kw):
 
 def test_warmup_cosine_schedule():
     lrs = [warmup_cosine(s, 100, 10, 1e-3, 1e-6) for s in range(100)]
-    assert lrs[0] < lrs[5] < lrs[9] == pytest.approx(1e-3)
+    assert lrs[0] < lrs[5] < lrs[9] == pytest.approx(1e-3, rel=1e-15)   # min + (base - min): 2 roundings
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 1e-5
 
@@ -135,18 +135,9 @@ def small_cfg_with_cache(tmp_path):
 
 
 def test_teacher_key_follows_the_data_recipe_not_just_the_shape(tmp_path):
-    import numpy as np
-
+    """(A user's file changed in content only: tests/test_keys.py.)"""
     cfg = small_cfg()
     base = teacher_dir(cfg, load_modality("synthetic/b", cfg.data))
     noisier = small_cfg()
     noisier.data.synthetic = SyntheticConfig(n_items=400, num_classes=4, noise=1.5)   # same shape
     assert teacher_dir(noisier, load_modality("synthetic/b", noisier.data)) != base
-    # a user's npz: rewriting the file changes the key
-    f = tmp_path / "d.npz"
-    np.savez(f, x=np.random.rand(40, 5).astype(np.float32), y=np.arange(40) % 4)
-    k1 = teacher_dir(cfg, load_modality(f"npz:{f}", cfg.data))
-    np.savez(f, x=np.random.rand(40, 5).astype(np.float32) + 1, y=np.arange(40) % 4)
-    import os
-    os.utime(f, ns=(1, 1))
-    assert teacher_dir(cfg, load_modality(f"npz:{f}", cfg.data)) != k1

@@ -5,7 +5,7 @@ Python API (the CLI is a thin layer over it)::
     from ucmkd import RunConfig, run, load_modality, get_teacher, recipe_config
 """
 from . import data, losses, methods, models  # noqa: F401  (fill the registries)
-from .api import build_student, load_pair, run
+from .api import RunContext, build_student, load_pair, prepare, run
 from .config import ExperimentConfig, RunConfig, load_config
 from .data import PairingSampler, load_modality, register_dataset
 from .engine import Trainer, get_teacher
@@ -15,6 +15,7 @@ from .methods import Distiller, register_method
 from .recipes import recipe_config
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "run_experiment", "build_student", "load_pair",
+__all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "prepare", "RunContext", "run_experiment",
+           "build_student", "load_pair",
            "load_modality", "register_dataset", "PairingSampler", "Trainer", "get_teacher", "Distiller",
            "register_method", "recipe_config", "ConfigError", "DataError", "NumericalError", "UcmkdError"]

@@ -10,6 +10,7 @@ the user brings) into a :class:`RunContext`, validating everything before anythi
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,7 @@ import torch
 from .cache import clean_tmp, content_key, model_signature, read_json, signature_diff, state_digest, write_json
 from .config import DataConfig, RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
-from .data.pairing import loader_options
+from .data.pairing import loader_options, validate_pairing
 from .data.standardize import NORMALISATION_FILE, normalisation_entry
 from .engine import Trainer, evaluate, get_teacher, seed_everything
 from .errors import ConfigError, DataError
@@ -173,6 +174,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
     check_device(cfg.device)
+    validate_pairing(cfg.pairing)      # before any data is loaded or teacher trained
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
     if student is None or (teacher_data is None and method_cls.uses_teacher):
@@ -187,29 +189,42 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         if teacher_data is None:
             raise ConfigError("teacher given without its teacher_data")
         check_model(teacher, teacher_data, "teacher")
-    elif method_cls.uses_teacher:
-        if train_teacher:
-            teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
-        else:
-            from .engine.teacher import build_teacher_model
 
-            teacher = build_teacher_model(cfg, teacher_data)
+    def assemble(teacher, model):
+        """Student model (checked), distiller and pairing sampler around ``teacher``."""
+        check_model(model, student, "student")
+        distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
+        sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
+                                 cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
+                                 unlabelled=distiller.uses_unlabelled,
+                                 require_unlabelled=distiller.requires_unlabelled,
+                                 **loader_options(cfg.data, cfg.device))
+        return distiller, sampler
+
+    def student_model_for_run():
+        seed_everything(cfg.seed)
+        return student_model if student_model is not None else build_student(cfg, student)
+
+    if teacher is None and method_cls.uses_teacher:
+        from .engine.teacher import build_teacher_model
+
+        teacher = build_teacher_model(cfg, teacher_data)     # untrained
+        if train_teacher:
+            # the whole run checked with the untrained teacher first (on a copy of a model you
+            # bring): a mistake in the params or the pairing must not wait for a teacher to train
+            dry = student_model_for_run()
+            assemble(teacher, copy.deepcopy(dry) if student_model is not None else dry)
+            teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
     if teacher is not None and teacher_info is None and train_teacher:
         teacher.eval()
         teacher_info = {"val_acc": evaluate(teacher, *teacher_data.split("val"))[0],
                         "test_acc": evaluate(teacher, *teacher_data.split("test"))[0]}
-    seed_everything(cfg.seed)
-    model = student_model if student_model is not None else build_student(cfg, student)
-    check_model(model, student, "student")
-    distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
+    model = student_model_for_run()
+    distiller, sampler = assemble(teacher, model)
     if method_cls.uses_teacher:
         from .engine.teacher_outputs import TeacherOutputs
 
         distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, cfg.device))
-    sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
-                             cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
-                             unlabelled=distiller.uses_unlabelled,
-                             require_unlabelled=distiller.requires_unlabelled, **loader_options(cfg.data, cfg.device))
     config = key_config(cfg)
     config["method"]["params"] = asdict(params)       # defaults spelled out: {} == {w: default}
     parts = {"config": config, "student_data": student.fingerprint,

@@ -63,11 +63,11 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_train_teacher(a) -> int:
-    from .api import load_pair
+    from .data import load_modality
     from .engine import get_teacher
 
     cfg = _load_run_config(a)
-    _, teacher_data = load_pair(cfg)
+    teacher_data = load_modality(cfg.data.teacher, cfg.data)     # the student modality plays no part
     _, info = get_teacher(cfg, teacher_data, progress=not a.no_progress, retrain=a.retrain)
     print(f"teacher {cfg.data.teacher}: val acc {100 * info['val_acc']:.2f}%, test acc "
           f"{100 * info['test_acc']:.2f}% (best epoch {info['best_epoch']})\ncheckpoint: {info['path']}")
@@ -139,14 +139,19 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # key=value overrides may stand anywhere after the sub-command, also after options
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; ``key=value`` overrides may stand anywhere after the sub-command,
+    also after options."""
     overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
     rest = [a for i, a in enumerate(argv) if i == 0 or a not in overrides]
     args = make_parser().parse_args(rest)
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         return args.fn(args)
     except UcmkdError as e:

@@ -76,6 +76,23 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class TabularConfig:
+    """Two tabular views of one latent class structure (see :mod:`ucmkd.data.tabular`)."""
+
+    n_items: int = ranged(4000, 2)          # items per view (item i of both views share a latent)
+    num_classes: int = ranged(6, 2)
+    latent_dim: int = ranged(8, 2)          # informative latent dimensions
+    clusters_per_class: int = ranged(2, 1)  # Gaussian clusters per class in the latent space
+    class_sep: float = ranged(1.5, 0.0)     # make_classification's hypercube side / 2
+    flip_y: float = ranged(0.01, 0.0, 1.0)  # fraction of labels re-drawn at random
+    features_a: int = ranged(24, 4)         # view A (teacher-like): linear mixtures, redundant, ordinal, noise
+    features_b: int = ranged(40, 4)         # view B (student-like): nonlinear, binary indicators, noise
+    noise: float = ranged(0.5, 0.0)         # observation noise of view B (latent units)
+    unscaled: bool = False                  # every column rescaled by 10^U(-3, 3) and shifted (raw units)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SpokenDigitsConfig:
     """Recipe of the offline spoken-digits set (eSpeak NG synthesis, see ucmkd.data.spoken)."""
 
@@ -113,6 +130,7 @@ class DataConfig:
     cache_dir: Optional[str] = None   # default: $UCMKD_CACHE or ~/.cache/ucmkd
     mnist1d_samples: int = ranged(4000, 10)       # size of the generated digits/signal set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    tabular: TabularConfig = field(default_factory=TabularConfig)
     spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
     av: AVConfig = field(default_factory=AVConfig)

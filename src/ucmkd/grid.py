@@ -171,8 +171,8 @@ _DATA_CACHE: dict = {}
 
 
 def _load(cfg: RunConfig):
-    """(student, teacher) modalities, memoised per process by the data config (unchecked:
-    :func:`ucmkd.api.prepare` checks them, once per run)."""
+    """(student, teacher) modalities, memoised by the data config for one grid invocation
+    (unchecked: :func:`ucmkd.api.prepare` checks them, once per run)."""
     from .api import _load_pair
 
     key = json.dumps([asdict(cfg.data)], sort_keys=True, default=str)
@@ -240,6 +240,7 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
     Teachers are trained (or loaded from the cache) first, in this process; then the cells
     run, in ``workers`` spawned processes of one thread each when ``workers > 1``.
     """
+    _DATA_CACHE.clear()        # one load per grid invocation: data changed since the last one is seen
     todo = [c for c in cells if store.find(c, data_fingerprints(c.cfg)) is None]
     preflight(todo)
     if len(todo) < len(cells):

@@ -232,18 +232,19 @@ class Trainer:
             self.epoch = ep + 1
             row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()}}
             improved = []
-            for name, model in self.distiller.candidates().items():
+            cands = self.distiller.candidates()
+            for name, model in cands.items():
                 cur, better = self._validate(model, self.best.get(name, _blank()))
                 prefix = "" if name == "student" else f"{name}_"
                 row.update({f"{prefix}{k}": cur[k] for k in ("val_acc", "val_loss", "test_acc")})
                 if better:
                     self.best[name] = cur
                     improved.append(name)
-            row.update(self.distiller.calibrate(*self._eval["val"]))
+            row.update(self.distiller.end_epoch(*self._eval["val"], dict(row)))
             self.history.append(row)
             for name in improved:   # weights after calibration (it may set the student's buffers)
                 self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
-                                                else self.distiller.candidates()[name].state_dict())
+                                                else cands[name].state_dict())
             self._commit(improved)
             bar.set_postfix(val=f"{row['val_acc']:.3f}", best=f"{self.best['student']['val_acc']:.3f}")
         bar.close()

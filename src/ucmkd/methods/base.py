@@ -170,10 +170,16 @@ class Distiller(nn.Module):
         return "student"
 
     def calibrate(self, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
-        """Called by the trainer after each epoch with the labelled validation split (x [N, ...],
-        y [N], on the CPU: a method that uses it moves batches to its device); a method may tune
-        a data-dependent setting on it (never on test). Returns metrics to log (default: none)."""
+        """Tune a data-dependent setting on the labelled validation split (x [N, ...], y [N], on the
+        CPU: a method that uses it moves batches to its device; never the test split). Called by
+        :meth:`end_epoch`. Returns metrics to log (default: none)."""
         return {}
+
+    def end_epoch(self, x_val: torch.Tensor, y_val: torch.Tensor, row: dict) -> dict:
+        """Called by the trainer after each epoch's validation with the labelled validation split
+        and the epoch's metrics row so far (``val_acc``, ``{candidate}_val_acc``, ... of the
+        candidates validated this epoch). Default: :meth:`calibrate`. Returns metrics to log."""
+        return self.calibrate(x_val, y_val)
 
     def trainable_state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "extra": self.extra.state_dict()}

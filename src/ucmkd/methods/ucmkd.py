@@ -28,13 +28,16 @@ All distillation and unlabelled weights ramp 0 -> 1 over ``warmup`` (a fraction 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
+from ..losses.kd import kd_kl
 from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
@@ -55,10 +58,12 @@ class UCMKD(Distiller):
     @dataclass
     class Params(SemiParams, OTParams):
         threshold: float = 0.5      # lowest pseudo-label confidence the calibration may choose
+        grad: str = "envelope"      # OT gradient with the plan held fixed (docs/ot.md): ucmkd's design choice
         w_kd: float = 1.0           # class-level decoupled KD on the student head
         kd_alpha: float = 1.0       # TCKD weight inside the KD term
         kd_beta: float = 8.0        # NCKD weight inside the KD term
         temperature: float = 4.0
+        kd_loss: str = "dkd"        # dkd: kd_alpha * TCKD + kd_beta * NCKD | kl: Hinton's T^2 KL
         kd_target: str = "item"     # item: a same-class teacher item of the batch | mean: class-mean logits
         w_la: float = 1.0           # CE of the frozen teacher head on (projected) student features
         w_fa: float = 1.0           # label-aware OT between student and teacher features
@@ -70,6 +75,10 @@ class UCMKD(Distiller):
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
         calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
+        gate_z: float = 1.0         # fall back when the shadow validates better by > gate_z standard errors
+        retire_after: float = 0.2   # the CE shadow may retire once this fraction of training is done ...
+        retire_z: float = 3.0       # ... when the student leads it by > retire_z standard errors (val acc) ...
+        retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
 
     def __init__(self, student, teacher, params=None):
@@ -83,8 +92,15 @@ class UCMKD(Distiller):
             raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
         if p.calib_items < 1:
             raise ConfigError(f"method 'ucmkd': calib_items must be >= 1, got {p.calib_items}")
+        if p.gate_z < 0:
+            raise ConfigError(f"method 'ucmkd': gate_z must be >= 0, got {p.gate_z}")
+        if not 0.0 <= p.retire_after <= 1.0 or p.retire_z < 0 or p.retire_epochs < 1:
+            raise ConfigError(f"method 'ucmkd': retire_after must be in [0, 1], retire_z >= 0 and "
+                              f"retire_epochs >= 1; got {p.retire_after}, {p.retire_z}, {p.retire_epochs}")
         if p.u_forward not in ("joint", "separate"):
             raise ConfigError(f"method 'ucmkd': u_forward must be 'joint' or 'separate', got {p.u_forward!r}")
+        if p.kd_loss not in ("dkd", "kl"):
+            raise ConfigError(f"method 'ucmkd': kd_loss must be 'dkd' or 'kl', got {p.kd_loss!r}")
         if p.kd_target not in ("item", "mean"):
             raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
         self.fa = make_fa(p)
@@ -92,17 +108,54 @@ class UCMKD(Distiller):
         self.extra["prior"] = PriorAlignment(teacher.num_classes)
         if p.fallback:
             self.add_fallback()
+            self.extra["gate"] = ShadowGate()
         self.uses_unlabelled = p.unlabelled
 
     # ----------------------------------------------------------------- candidates
-    def candidates(self) -> dict:
+    def _shadow(self):
+        """The CE shadow while it trains (None once retired or without a fallback)."""
         fb = self.fallback_model()
-        return {**super().candidates(), **({"fallback": fb} if fb is not None else {})}
+        return fb if fb is not None and bool(self.extra["gate"].active) else None
+
+    def candidates(self) -> dict:
+        fb = self._shadow()
+        return {"student": self.student, **({"fallback": fb} if fb is not None else {})}
 
     def select_candidate(self, records: dict) -> str:
-        """The CE shadow when its best validation accuracy is strictly above the student's."""
+        """The CE shadow when its best validation accuracy beats the student's by more than
+        ``gate_z`` standard errors of the difference (distillation that only looks worse by noise
+        is kept); never once the shadow has retired (the student then led it clearly)."""
         fb = records.get("fallback")
-        return "fallback" if fb is not None and fb["val_acc"] > records["student"]["val_acc"] else "student"
+        if fb is None or not bool(self.extra["gate"].active):
+            return "student"
+        a, b = records["student"]["val_acc"], fb["val_acc"]
+        return "fallback" if b - a > self.params.gate_z * self._se(a, b) else "student"
+
+    def _se(self, a: float, b: float) -> float:
+        """Standard error of a difference of two accuracies a, b on the n validation items (the
+        binomial variance of each; at least 1/n, so one item always counts)."""
+        n = max(1, int(self.extra["gate"].n_val))
+        return max(math.sqrt(max(a * (1 - a) + b * (1 - b), 0.0) / n), 1.0 / n)
+
+    def end_epoch(self, x_val, y_val, row: dict) -> dict:
+        """Calibrate the pseudo-label threshold, then decide whether the CE shadow retires: once
+        ``retire_after`` of training is done, if the student's validation accuracy leads the
+        shadow's by more than ``retire_z`` standard errors (of a difference of two accuracies on
+        n validation items) in ``retire_epochs`` consecutive epochs, the shadow stops training and
+        being validated, and the student is the run's answer. Saves the shadow's cost (about one
+        plain-CE step per step) wherever distillation clearly helps; a harmful teacher keeps it."""
+        out = self.calibrate(x_val, y_val)
+        if self._shadow() is None or "fallback_val_acc" not in row:
+            return out
+        p, gate = self.params, self.extra["gate"]
+        gate.n_val.fill_(len(y_val))
+        a, b = row["val_acc"], row["fallback_val_acc"]
+        lead = self.progress >= p.retire_after and a - b > p.retire_z * self._se(a, b)
+        gate.lead.fill_(int(gate.lead) + 1 if lead else 0)
+        if int(gate.lead) >= p.retire_epochs:
+            gate.active.fill_(False)
+        out["shadow_active"] = float(gate.active)
+        return out
 
     # ----------------------------------------------------------------- validation calibration
     @torch.no_grad()
@@ -161,11 +214,14 @@ class UCMKD(Distiller):
         return target
 
     def _class_kd(self, logits: torch.Tensor, y: torch.Tensor, t_target: torch.Tensor) -> torch.Tensor:
-        """Decoupled KD of logits [B, K] towards teacher logits t_target [B, K] for classes y [B]."""
+        """KD of logits [B, K] towards teacher logits t_target [B, K] for classes y [B]: decoupled
+        (``kd_loss: dkd``, alpha * TCKD + beta * NCKD) or Hinton's T^2 KL (``kd_loss: kl``)."""
         p = self.params
         known = self.extra["protos"].known(y)
         if not known.any():
             return logits.sum() * 0.0
+        if p.kd_loss == "kl":
+            return kd_kl(logits[known], t_target[known], p.temperature) * known.float().mean()
         tckd, nckd = dkd_terms(logits[known], t_target[known], y[known], p.temperature)
         return (p.kd_alpha * tckd + p.kd_beta * nckd) * known.float().mean()
 
@@ -220,7 +276,19 @@ class UCMKD(Distiller):
             metrics["pl_mask"] = float(mask.float().mean())
         elif p.unlabelled:
             metrics["pl_mask"] = 0.0
-        fb = self.fallback_model()
+        fb = self._shadow()
         if fb is not None:
             losses["ce_fallback"] = F.cross_entropy(fb(batch.xs), batch.ys)
         return DistillOutput(logits, losses, metrics)
+
+
+class ShadowGate(nn.Module):
+    """State of ucmkd's CE shadow, checkpointed with the method: ``active`` (still training) and
+    ``lead`` (consecutive epochs in which the student led it clearly) and ``n_val`` (validation
+    items behind the accuracies compared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("active", torch.tensor(True))
+        self.register_buffer("lead", torch.tensor(0))
+        self.register_buffer("n_val", torch.tensor(0))

@@ -58,6 +58,24 @@ def mlp(input_shape: tuple, width: int = 64, feat_dim: int = 64, depth: int = 2)
     return Encoder(stages, _embed(dims[-1], feat_dim), feat_dim)
 
 
+@BACKBONES.register("plain-mlp")
+def plain_mlp(input_shape: tuple, width: int = 128, feat_dim: int = 64, depth: int = 2,
+              batchnorm: bool = False) -> nn.Module:
+    """A user-style encoder, written the way users write one: flatten, ``depth`` x (Linear(width),
+    [BatchNorm1d,] ReLU), then a plain Linear to ``feat_dim`` — raw, unnormalised features (no
+    BatchNorm or activation on the output). Any input shape; [B, prod(input_shape)] -> [B, feat_dim]."""
+    n_in = 1
+    for s in input_shape:
+        n_in *= int(s)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i in range(depth):
+        layers += [nn.Linear(n_in if i == 0 else width, width)]
+        layers += [nn.BatchNorm1d(width)] if batchnorm else []
+        layers += [nn.ReLU()]
+    layers += [nn.Linear(width if depth > 0 else n_in, feat_dim)]
+    return nn.Sequential(*layers)
+
+
 def _conv_block(conv: type, bn: type, pool: nn.Module, cin: int, cout: int) -> nn.Module:
     return nn.Sequential(conv(cin, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(),
                          conv(cout, cout, 3, padding=1, bias=False), bn(cout), nn.ReLU(), pool)
