@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..cache import atomic_path, clean_tmp, write_text
 from ..config import OptimConfig
 from ..data.base import ModalityData
+from ..data.lazy import batch_rows
 from ..data.pairing import PairingSampler
 from ..errors import ConfigError, DataError, NumericalError
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -92,12 +93,15 @@ def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device="cpu",
+def evaluate(model: torch.nn.Module, x, y: torch.Tensor, device="cpu",
              batch_size: int = 1024) -> tuple[float, float]:
-    """Accuracy in [0, 1] and mean cross-entropy of ``model`` (logits) on (x [N, ...], y [N])."""
+    """Accuracy in [0, 1] and mean cross-entropy of ``model`` (logits) on (x [N, ...], y [N]).
+    ``x`` is a tensor or a lazily read split (:class:`ucmkd.data.lazy.LazyArray`), read in
+    chunks of ``batch_size`` items (fewer for large items: :func:`ucmkd.data.lazy.batch_rows`)."""
     was = model.training
     model.eval()
     correct, loss = 0, 0.0
+    batch_size = batch_rows(tuple(x.shape), batch_size)
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         logits = model(xb)
