@@ -25,9 +25,9 @@ from typing import Any, Optional
 import torch
 
 from .cache import clean_tmp, content_key, model_signature, read_json, signature_diff, state_digest, write_json
-from .config import RunConfig, check_ranges, config_hash, save_config, to_dict
+from .config import DataConfig, RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
-from .data.pairing import validate_pairing
+from .data.pairing import loader_options, validate_pairing
 from .data.standardize import NORMALISATION_FILE, normalisation_entry
 from .engine import Trainer, distributed, evaluate, get_teacher, seed_everything
 from .errors import ConfigError, DataError, UcmkdError
@@ -55,14 +55,23 @@ def _load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
     return load_modality(cfg.data.student, cfg.data), load_modality(cfg.data.teacher, cfg.data)
 
 
-def run_key(cfg: RunConfig) -> str:
-    """Hash of the config fields that make runs differ (the device and thread count excluded).
-    The grid's results store keys cells by it; a run directory is keyed by the content key of
-    :func:`prepare` (which adds the data, the student architecture and the teacher weights)."""
+def key_config(cfg: RunConfig) -> dict:
+    """The config as run keys see it: without the device, the thread count and the fields that
+    change only how inputs are read (``DataConfig.IO_FIELDS``: storage, workers; what they read
+    enters keys through the data's content fingerprint)."""
     d = to_dict(cfg)
     d.pop("device", None)
     d.pop("threads", None)
-    return config_hash(d)
+    for k in DataConfig.IO_FIELDS:
+        d["data"].pop(k, None)
+    return d
+
+
+def run_key(cfg: RunConfig) -> str:
+    """Hash of the config fields that make runs differ (:func:`key_config`).
+    The grid's results store keys cells by it; a run directory is keyed by the content key of
+    :func:`prepare` (which adds the data, the student architecture and the teacher weights)."""
+    return config_hash(key_config(cfg))
 
 
 # --------------------------------------------------------------------------- validation
@@ -207,7 +216,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
                                  cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
                                  unlabelled=distiller.uses_unlabelled,
                                  require_unlabelled=distiller.requires_unlabelled,
-                                 rank=0 if dp is None else dp.rank, world_size=1 if dp is None else dp.world_size)
+                                 rank=0 if dp is None else dp.rank, world_size=1 if dp is None else dp.world_size,
+                                 **loader_options(cfg.data, device))
         return distiller, sampler
 
     def student_model_for_run():
@@ -235,9 +245,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         from .engine.teacher_outputs import TeacherOutputs
 
         distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, device))
-    config = to_dict(cfg)
-    config.pop("device", None)
-    config.pop("threads", None)
+    config = key_config(cfg)
     config["method"]["params"] = asdict(params)       # defaults spelled out: {} == {w: default}
     parts = {"config": config, "student_data": student.fingerprint,
              "teacher_data": teacher_data.fingerprint if teacher_data is not None else None,

@@ -135,8 +135,16 @@ class DataConfig:
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
     av: AVConfig = field(default_factory=AVConfig)
     standardize: str = "auto"         # auto (per_feature for vectors, global otherwise) | per_feature | global | none (docs/data.md)
+    storage: str = "auto"             # memory | mmap (read lazily from a memory-mapped file) | auto: mmap for files above mmap_above_mb
+    mmap_above_mb: float = ranged(2048.0, 0.0)   # storage=auto: a file-backed modality larger than this (MiB of float32) is read lazily
+    workers: int = ranged(0, 0)       # DataLoader processes reading the batches of lazy modalities (0: the training process reads them)
+    prefetch: int = ranged(2, 1)      # batches each worker reads ahead
 
-    CHOICES: ClassVar[dict] = {"standardize": ("auto", "per_feature", "global", "none")}
+    CHOICES: ClassVar[dict] = {"standardize": ("auto", "per_feature", "global", "none"),
+                               "storage": ("auto", "memory", "mmap")}
+    #: fields that change how the inputs are read, never their values (left out of run keys: the
+    #: data's content fingerprint is in the key)
+    IO_FIELDS: ClassVar[tuple] = ("storage", "mmap_above_mb", "workers", "prefetch")
 
 
 @dataclass

@@ -8,7 +8,8 @@
   mean the teacher's decision rule transfers to the student's representation.
 - ``la_tv``: mean total-variation distance between the teacher head's and the student head's
   class distributions on student features (label alignment; 0 = identical predictions).
-All computed without gradients on at most ``max_items`` items per modality.
+All computed without gradients on at most ``max_items`` items per modality (read in chunks
+from a lazily read modality).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from .data.base import ModalityData
+from .data.lazy import batch_rows
 from .losses.ot import sinkhorn_cost
 from .models import Classifier
 
@@ -28,6 +30,14 @@ def _subsample(data: ModalityData, split: str, max_items: int, seed: int) -> tor
     if len(idx) > max_items:
         idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_items, replace=False))
     return torch.as_tensor(idx)
+
+
+def _chunked(fn, data: ModalityData, idx: torch.Tensor, device) -> tuple:
+    """``fn`` (returning a tuple of [n, ...] tensors) on the items ``idx`` of ``data``, read in
+    chunks (:func:`ucmkd.data.lazy.batch_rows`; one chunk for small items), outputs concatenated."""
+    step = batch_rows(tuple(data.x.shape), max(1, len(idx)))
+    parts = [fn(data.x[idx[i:i + step]].to(device)) for i in range(0, len(idx), step)]
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 @torch.no_grad()
@@ -42,12 +52,11 @@ def alignment_diagnostics(student: Classifier, teacher: Classifier, student_data
     teacher.to(device).eval()
     si = _subsample(student_data, split, max_items, seed)
     ti = _subsample(teacher_data, split, max_items, seed + 1)
-    xs, ys = student_data.x[si].to(device), student_data.y[si].to(device)
-    xt, yt = teacher_data.x[ti].to(device), teacher_data.y[ti].to(device)
-    z, s_logits = student(xs, return_features=True)
+    ys, yt = student_data.y[si].to(device), teacher_data.y[ti].to(device)
+    z, s_logits = _chunked(lambda x: student(x, return_features=True), student_data, si, device)
     if projector is not None:
         z = projector(z)
-    zt = teacher.features(xt)
+    (zt,) = _chunked(lambda x: (teacher.features(x),), teacher_data, ti, device)
     out = {"student_acc": float((s_logits.argmax(1) == ys).float().mean())}
     if z.shape[1] != zt.shape[1]:
         out.update(fa=math.nan, fa_classwise=math.nan, teacher_head_acc=math.nan, la_tv=math.nan)

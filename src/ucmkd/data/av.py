@@ -17,7 +17,9 @@ naming the file and line), audio becomes ``image`` inputs ``[N, C, F, T]`` (``C`
 2-D features) with the time axis cropped/padded to one length (optionally resized to a
 square, ``data.av.audio_size``), visual becomes ``image``
 inputs ``[N, C * frames, S, S]`` (Pillow; no torchvision), and the decoded tensors are
-cached as ``.npz`` under ``cache_dir(cfg)/av/``. Both modalities of a family share
+cached as uncompressed ``.npz`` under ``cache_dir(cfg)/av/``, written one clip at a time and
+memory-mapped when read, so a dataset larger than memory (VGGSound) is decoded and read
+lazily (``data.storage``, docs/data.md). Both modalities of a family share
 ``pair_id`` (the clip index), the family's own split and its class list, so paired mode and
 every unpaired preset work on them. See ``docs/datasets.md`` for the layouts in full.
 """
@@ -35,7 +37,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..cache import get_or_build
+from ..cache import get_or_write, open_npz_member, write_npz_rows
 from ..config import DataConfig, check_ranges
 from ..errors import ConfigError, DataError
 from .base import RawModality, cache_dir, register_dataset
@@ -324,31 +326,41 @@ def resize_audio(a: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0].numpy()
 
 
-def decode_audio(layout: Layout, clips: list, audio_length: int, audio_size: int = 0) -> np.ndarray:
-    """[N, C, F, L]: L = ``audio_length`` if > 0, else the longest clip's T (shorter clips
-    padded); with ``audio_size`` > 0 each clip is then resized to [C, audio_size, audio_size]."""
-    arrays = [read_audio(layout, c.audio) for c in clips]
-    ref = arrays[0].shape[:2]
-    for c, a in zip(clips, arrays):
-        if a.shape[:2] != ref:
-            raise DataError(f"{c.audio}: audio features have [C, F] = {list(a.shape[:2])}, but "
-                            f"{clips[0].audio} has {list(ref)}: every clip needs the same channels and bins")
-    length = audio_length if audio_length > 0 else max(a.shape[-1] for a in arrays)
-    shape = (ref[0], audio_size, audio_size) if audio_size > 0 else (*ref, length)
-    out = np.empty((len(arrays), *shape), dtype=np.float32)
-    for i in range(len(arrays)):
-        a = fit_length(arrays[i], length)
-        out[i] = resize_audio(a, audio_size) if audio_size > 0 else a
-        arrays[i] = None
-    return out
+def audio_layout(layout: Layout, clips: list, audio_length: int) -> tuple[tuple, int]:
+    """([C, F] of the clips' features, time length L): L = ``audio_length`` if > 0 (only the
+    first clip is read), else the longest clip's T (every clip is read once, one at a time;
+    clips with other [C, F] are an error here already)."""
+    first = read_audio(layout, clips[0].audio)
+    if audio_length > 0:
+        return first.shape[:2], audio_length
+    shapes = [first.shape] + [read_audio(layout, c.audio).shape for c in clips[1:]]   # every file readable first
+    for c, shape in zip(clips, shapes):
+        _same_bins(c, shape, clips[0], first.shape[:2])
+    return first.shape[:2], max(shape[-1] for shape in shapes)
 
 
-def decode_visual(clips: list, frames: int, size: int, grayscale: bool) -> np.ndarray:
-    c = 1 if grayscale else 3
-    out = np.empty((len(clips), c * frames, size, size), dtype=np.float32)
-    for i, clip in enumerate(clips):
-        out[i] = read_visual(clip.visual, frames, size, grayscale)
-    return out
+def _same_bins(clip: Clip, shape: tuple, first: Clip, ref: tuple) -> None:
+    if shape[:2] != ref:
+        raise DataError(f"{clip.audio}: audio features have [C, F] = {list(shape[:2])}, but "
+                        f"{first.audio} has {list(ref)}: every clip needs the same channels and bins")
+
+
+
+def audio_rows(layout: Layout, clips: list, ref: tuple, length: int, audio_size: int = 0):
+    """Yield each clip's features as a [1, C, F, L] block (L = ``length``, fitted by
+    :func:`fit_length`), or [1, C, audio_size, audio_size] when ``audio_size`` > 0: one clip in
+    memory at a time."""
+    for c in clips:
+        a = read_audio(layout, c.audio)
+        _same_bins(c, a.shape, clips[0], ref)
+        a = fit_length(a, length)
+        yield (resize_audio(a, audio_size) if audio_size > 0 else a)[None]
+
+
+def visual_rows(clips: list, frames: int, size: int, grayscale: bool):
+    """Yield each clip's frames as a [1, C * frames, size, size] block."""
+    for clip in clips:
+        yield read_visual(clip.visual, frames, size, grayscale)[None]
 
 
 # --------------------------------------------------------------------------- cache + builder
@@ -381,8 +393,12 @@ def cache_path(layout: Layout, modality: str, cfg: DataConfig, root: Path, clips
 
 
 def _read_cached(path: Path, n: int) -> np.ndarray:
-    with np.load(path, allow_pickle=False) as z:
-        x = z["x"]
+    """The decoded cache, memory-mapped (nothing read yet: :func:`ucmkd.data.base.finalize`
+    reads it whole or lazily, ``data.storage``)."""
+    x = open_npz_member(path, "x")
+    if x is None:                       # not mappable (a compressed file written by hand): read whole
+        with np.load(path, allow_pickle=False) as z:
+            x = z["x"]
     if x.shape[0] != n or x.dtype != np.float32:
         raise DataError(f"{path}: the decoded cache holds {list(x.shape)} {x.dtype} for {n} clips; "
                         f"delete it to decode again")
@@ -400,13 +416,18 @@ def load_av(family: str, modality: str, cfg: DataConfig) -> RawModality:
     clips, classes = build_index(layout, root)
     path = cache_path(layout, modality, cfg, root, clips, classes)
 
-    def decode() -> np.ndarray:
+    def decode(tmp: Path) -> None:     # streamed to the file: one clip in memory at a time
         if modality == "audio":
-            return decode_audio(layout, clips, av.audio_length, av.audio_size)
-        return decode_visual(clips, av.frames, av.image_size, av.grayscale)
+            ref, length = audio_layout(layout, clips, av.audio_length)
+            c, f, t = (*ref, length) if av.audio_size == 0 else (ref[0], av.audio_size, av.audio_size)
+            write_npz_rows(tmp, "x", (len(clips), c, f, t), np.float32,
+                           audio_rows(layout, clips, ref, length, av.audio_size))
+        else:
+            ch = (1 if av.grayscale else 3) * av.frames
+            write_npz_rows(tmp, "x", (len(clips), ch, av.image_size, av.image_size), np.float32,
+                           visual_rows(clips, av.frames, av.image_size, av.grayscale))
 
-    x = get_or_build(path, decode, lambda x, tmp: np.savez(tmp, x=x), lambda p: _read_cached(p, len(clips)),
-                     "audio-visual cache")
+    x = get_or_write(path, decode, lambda p: _read_cached(p, len(clips)), "audio-visual cache")
     cls_index = {c: i for i, c in enumerate(classes)}
     return RawModality(x=x, y=np.array([cls_index[c.label] for c in clips], dtype=np.int64),
                        classes=list(classes), kind="image", pair_id=np.arange(len(clips), dtype=np.int64),

@@ -5,6 +5,8 @@ normalisation, caching and pairing are shared.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +16,12 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from ..cache import array_digest, entry, get_or_build, get_or_write, is_file_backed, open_npz_member, write_npz_rows
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import Registry
-from .standardize import Standardizer, fit, global_in_memory, resolve_mode
+from .lazy import LazyArray, read_whole
+from .standardize import Standardizer, chunk_rows, fit, global_in_memory, resolve_mode
 
 KINDS = ("vector", "signal", "image")
 
@@ -50,12 +54,14 @@ class RawModality:
 
 @dataclass
 class ModalityData:
-    """One modality, in memory, with fixed train/val/test index splits.
+    """One modality with fixed train/val/test index splits.
 
     Attributes:
         name: registry name, e.g. ``"digits/image"``.
         kind: ``vector`` ([N, D]), ``signal`` ([N, C, L]) or ``image`` ([N, C, H, W]).
-        x: float32 tensor [N, *input_shape], standardised with training statistics
+        x: float32 tensor [N, *input_shape], or a :class:`~ucmkd.data.lazy.LazyArray` (read
+            lazily from a memory-mapped file, ``data.storage``) that ``x[idx]`` reads into the
+            same tensor; standardised with training statistics
             (:attr:`standardizer`; ``meta`` holds ``standardize`` (the mode), ``norm_mean``
             and ``norm_std``: floats, or lists [F] for ``per_feature``).
         y: int64 tensor [N].
@@ -68,7 +74,7 @@ class ModalityData:
 
     name: str
     kind: str
-    x: torch.Tensor
+    x: "torch.Tensor | LazyArray"
     y: torch.Tensor
     classes: list
     splits: dict
@@ -100,10 +106,16 @@ class ModalityData:
         return Standardizer.from_dict({"mode": m["standardize"], "mean": m["norm_mean"], "std": m["norm_std"]},
                                       self.input_shape, where=f"{self.name} meta")
 
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs [n, *input_shape] and labels [n] of split ``name``."""
+    @property
+    def lazy(self) -> bool:
+        """Whether ``x`` is read lazily from a file (:class:`~ucmkd.data.lazy.LazyArray`)."""
+        return isinstance(self.x, LazyArray)
+
+    def split(self, name: str) -> tuple:
+        """Inputs [n, *input_shape] and labels [n] of split ``name``: the inputs are a tensor, or
+        for a lazy modality a LazyArray over the split's items (read as they are indexed)."""
         idx = self.splits[name]
-        return self.x[idx], self.y[idx]
+        return (self.x.subset(idx) if self.lazy else self.x[idx]), self.y[idx]
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.splits.items())
@@ -193,7 +205,9 @@ def make_splits(y: np.ndarray, test_frac: float, val_frac: float, seed: int,
             for k, v in (("train", train), ("val", val), ("test", test))}
 
 
-def validate_raw(raw: RawModality, name: str) -> None:
+def validate_raw(raw: RawModality, name: str, check_values: bool = True) -> None:
+    """Kinds, shapes, labels; with ``check_values`` also that every input is finite (a lazily
+    read modality is checked by its streaming statistics pass instead)."""
     where = raw.source or name
     if raw.kind not in KINDS:
         raise DataError(f"{where}: unknown input kind {raw.kind!r}; expected one of {KINDS}")
@@ -208,7 +222,7 @@ def validate_raw(raw: RawModality, name: str) -> None:
     if raw.y.min() < 0 or raw.y.max() >= len(raw.classes):
         raise DataError(f"{where}: labels must lie in 0..{len(raw.classes) - 1}, "
                         f"found {int(raw.y.min())}..{int(raw.y.max())}")
-    if not np.isfinite(raw.x).all():
+    if check_values and not np.isfinite(raw.x).all():
         raise DataError(f"{where}: inputs contain NaN or inf")
     for field_name in ("pair_id", "split", "groups"):
         v = getattr(raw, field_name)
@@ -216,21 +230,44 @@ def validate_raw(raw: RawModality, name: str) -> None:
             raise DataError(f"{where}: {field_name} must have shape {list(raw.y.shape)}, got {list(np.shape(v))}")
 
 
+def reads_lazily(x, cfg: DataConfig) -> bool:
+    """Whether a modality whose builder returned inputs ``x`` is read lazily
+    (``cfg.storage``): ``memory`` never, ``mmap`` always, ``auto`` when ``x`` is a file-backed
+    memory map larger than ``cfg.mmap_above_mb`` MiB as float32."""
+    if cfg.storage not in ("auto", "memory", "mmap"):
+        raise ConfigError(f"data.storage: unknown value {cfg.storage!r}; choose one of auto, memory, mmap")
+    if cfg.storage != "auto":
+        return cfg.storage == "mmap"
+    return is_file_backed(x) and 4 * math.prod(x.shape) > cfg.mmap_above_mb * 2 ** 20
+
+
 def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     """Validate, split (seeded, stratified), and standardise with train-split statistics
-    (``cfg.standardize``, :mod:`ucmkd.data.standardize`)."""
+    (``cfg.standardize``, :mod:`ucmkd.data.standardize`); in memory, or read lazily from a
+    memory-mapped file (``cfg.storage``, :func:`reads_lazily`)."""
     where = raw.source or name
     mode = resolve_mode(cfg.standardize, raw.kind)
-    validate_raw(raw, name)
+    lazy = reads_lazily(raw.x, cfg)
+    owned = not lazy and isinstance(raw.x, np.memmap)
+    if owned:
+        raw = dataclasses.replace(raw, x=read_whole(raw.x))          # a file read whole into memory
+    validate_raw(raw, name, check_values=not lazy)
     splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed, raw.split, raw.groups, where=where)
-    # the standardised tensor is a new one (never the builder's array: builders may return
-    # memoised arrays, synthetic's lru_cache, which an in-place edit must not corrupt)
-    x = torch.as_tensor(raw.x, dtype=torch.float32)
-    if mode == "global":
-        st = global_in_memory(x, splits["train"])
+    if lazy:
+        src = raw.x if is_file_backed(raw.x) else _array_file(raw, name, cfg)
+        st = _lazy_standardizer(src, splits["train"].numpy(), mode, name, cfg, where)
+        x = LazyArray(src, st)
     else:
-        st = fit(x, splits["train"].numpy(), mode, tuple(x.shape[1:]), where=where)
-    x = st(x)
+        # the builder's array is never edited (builders may return memoised arrays, synthetic's
+        # lru_cache): the standardised tensor is a new one, unless the array is this load's own
+        # (read from a file, or converted to float32), which is then standardised in place
+        x = torch.as_tensor(raw.x, dtype=torch.float32)
+        owned = owned or raw.x.dtype != np.float32
+        if mode == "global":
+            st = global_in_memory(x, splits["train"])
+        else:
+            st = fit(x, splits["train"].numpy(), mode, tuple(x.shape[1:]), where=where)
+        x = st(x, inplace=owned)
     pid = None if raw.pair_id is None else torch.tensor(raw.pair_id, dtype=torch.long)
     return ModalityData(name=name, kind=raw.kind, x=x, y=torch.tensor(raw.y, dtype=torch.long),
                         classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,
@@ -240,6 +277,54 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
 def _norm_meta(st: Standardizer) -> dict:
     mean, std = st.values()
     return {"standardize": st.mode, "norm_mean": mean, "norm_std": std}
+
+
+STATS_VERSION = 1
+
+
+def _npz_entry(cfg: DataConfig, kind: str, name: str, key: dict) -> Path:
+    e = entry(cache_dir(cfg), kind, name, key)
+    return e.with_name(e.name + ".npz")
+
+
+def _array_file(raw: RawModality, name: str, cfg: DataConfig) -> np.memmap:
+    """``raw.x`` (held in memory by its builder) written once as float32 to the cache
+    (``<cache>/arrays/<name>-<key>.npz``, keyed by a hash of every byte) and memory-mapped."""
+    key = {"name": name, "x": array_digest(raw.x, full=True), "recipe": raw.fingerprint}
+    path = _npz_entry(cfg, "arrays", name, key)
+    step = chunk_rows(raw.x.shape)
+    blocks = (raw.x[a:a + step] for a in range(0, len(raw.x), step))
+    return get_or_write(path, lambda tmp: write_npz_rows(tmp, "x", raw.x.shape, np.float32, blocks),
+                        lambda p: _mapped(p, "x"), "array cache")
+
+
+def _mapped(path: Path, member: str) -> np.memmap:
+    m = open_npz_member(path, member)
+    if m is None:
+        raise DataError(f"{path}: array {member!r} cannot be memory-mapped (compressed?); delete it to rebuild")
+    return m
+
+
+def _lazy_standardizer(src: np.memmap, train: np.ndarray, mode: str, name: str, cfg: DataConfig,
+                       where: str) -> Standardizer:
+    """The standardisation statistics of a memory-mapped modality: one streaming pass over the
+    file (which also checks every item for NaN/inf), cached in ``<cache>/stats/`` under the
+    file's name, size, modification time, offset and shape, the training rows and the mode."""
+    st = os.stat(src.filename)
+    key = {"file": str(src.filename), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "offset": int(src.offset),
+           "shape": list(src.shape), "dtype": src.dtype.str, "train": array_digest(train, full=True), "mode": mode,
+           "v": STATS_VERSION}
+    path = _npz_entry(cfg, "stats", name, key)
+
+    def save(s: Standardizer, tmp: Path) -> None:
+        np.savez(tmp, mode=np.array(s.mode), mean=s.mean.numpy(), std=s.std.numpy())
+
+    def load(p: Path) -> Standardizer:
+        with np.load(p, allow_pickle=False) as z:
+            return Standardizer(str(z["mode"]), torch.from_numpy(z["mean"]), torch.from_numpy(z["std"]))
+
+    return get_or_build(path, lambda: fit(src, train, mode, tuple(src.shape[1:]), check_finite=True, where=where),
+                        save, load, "standardisation statistics")
 
 
 def load_modality(name: str, cfg: DataConfig | None = None) -> ModalityData:

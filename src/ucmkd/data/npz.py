@@ -1,11 +1,16 @@
 """Bring-your-own data: a ``.npz`` file with arrays ``x`` [N, ...], ``y`` [N] and optionally
-``classes`` [K] (strings), ``pair_id`` [N] and ``kind`` (``vector``/``signal``/``image``)."""
+``classes`` [K] (strings), ``pair_id`` [N] and ``kind`` (``vector``/``signal``/``image``).
+
+``x`` of a file written by ``numpy.savez`` (uncompressed) is memory-mapped, so that a file
+larger than memory can be read lazily (``data.storage``, docs/data.md); a compressed
+``x`` (``numpy.savez_compressed``) is read whole."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from ..cache import open_npz_member
 from ..errors import DataError
 from .base import RawModality
 
@@ -23,7 +28,11 @@ def load_npz(path: str) -> RawModality:
     for key in ("x", "y"):
         if key not in z.files:
             raise DataError(f"{p}: missing array {key!r} (found {z.files})")
-    x, y = z["x"].astype(np.float32), z["y"]
+    x = open_npz_member(p, "x")        # None: compressed, read whole
+    if x is not None and not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"{p}: field 'x' must hold numbers, got dtype {x.dtype}")
+    x = z["x"].astype(np.float32) if x is None else x
+    y = z["y"]
     if x.ndim == 1 or x.ndim > 4:
         raise DataError(f"{p}: field 'x' must be [N, D], [N, C, L] or [N, C, H, W], got {list(x.shape)}")
     if not np.issubdtype(y.dtype, np.integer):

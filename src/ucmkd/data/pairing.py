@@ -19,8 +19,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import PairingConfig, check_ranges
+from ..config import DataConfig, PairingConfig, check_ranges
 from ..errors import ConfigError, DataError
 from .base import ModalityData, check_compatible
 from .corruption import corrupt
@@ -66,6 +67,49 @@ class Batch:
         return Batch(mv(self.xs), mv(self.ys), mv(self.xt), mv(self.yt), mv(self.xu), mv(self.it))
 
 
+@dataclass
+class BatchPlan:
+    """The items of one batch: student si [B], teacher ti [B'] or None, unlabelled ui [B_u] or
+    None (int64 indices into the modalities)."""
+
+    si: np.ndarray
+    ti: Optional[np.ndarray] = None
+    ui: Optional[np.ndarray] = None
+
+
+class BatchReader(Dataset):
+    """``reader[plan]`` = the inputs and labels of a :class:`BatchPlan`: (xs, ys, xt, yt, xu),
+    None where the plan has no such part. Reads ``modality.x[idx]``, so a lazy modality reads only
+    the rows of the batch (a DataLoader's workers each read whole batches, the plans reaching
+    them through the loader's sampler, :class:`PlanSource`)."""
+
+    def __init__(self, student: ModalityData, teacher: Optional[ModalityData]):
+        self.student, self.teacher = student, teacher
+
+    def __getitem__(self, p: BatchPlan) -> tuple:
+        s, t = self.student, self.teacher
+        xt = yt = xu = None
+        if p.ti is not None:
+            xt, yt = t.x[p.ti], t.y[p.ti]
+        if p.ui is not None:
+            xu = s.x[p.ui]
+        return s.x[p.si], s.y[p.si], xt, yt, xu
+
+
+class PlanSource(Sampler):
+    """The DataLoader's sampler: yields the current epoch's plans (set before each epoch), so one
+    loader with persistent workers serves every epoch."""
+
+    def __init__(self):
+        self.plans: list = []
+
+    def __iter__(self):
+        return iter(self.plans)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+
 def validate_pairing(cfg: PairingConfig) -> None:
     """The field ranges (:func:`ucmkd.config.check_ranges`), the names and their combinations."""
     check_ranges(cfg, "pairing")
@@ -80,6 +124,12 @@ def validate_pairing(cfg: PairingConfig) -> None:
                           "(disjoint pools have no true pairs)")
 
 
+def loader_options(data: DataConfig, device) -> dict:
+    """The :class:`PairingSampler` options that read batches of lazy modalities:
+    ``data.workers``, ``data.prefetch``, pinned memory on CUDA."""
+    return {"workers": data.workers, "prefetch": data.prefetch, "pin_memory": str(device).startswith("cuda")}
+
+
 def imbalance_keep(num_classes: int, rho: float) -> np.ndarray:
     """Fraction kept per class rank c: (1/rho)^(c/(K-1)), [K]."""
     return (1.0 / rho) ** (np.arange(num_classes) / max(num_classes - 1, 1))
@@ -90,12 +140,12 @@ class PairingSampler:
     so a resumed run draws the same batches as an uninterrupted one.
 
     Data parallelism: ``batch_size`` is the GLOBAL batch B. With ``world_size`` N > 1, every
-    rank draws the same global batch (student, teacher and unlabelled item indices) and
-    yields its contiguous shard, rows [r B/N, (r + 1) B/N), reading only those items; so N
-    processes train on exactly the batches of one process. B must be divisible by N (a
-    ConfigError names both). A domain shift (``shift_level``) corrupts the global batch before
-    it is sharded (its noise is drawn for the whole batch), so with a shift every rank reads
-    the whole batch.
+    rank draws the same global batch plans (student, teacher and unlabelled item indices,
+    :meth:`plans`) and reads its contiguous shard, rows [r B/N, (r + 1) B/N): only those items
+    (the indices are sharded, not the tensors); so N processes train on exactly the batches of
+    one process. B must be divisible by N (a ConfigError names both). A domain shift
+    (``shift_level``) corrupts its side's global batch before it is sharded (its noise is drawn
+    for the whole batch), so that side's whole batch is read on every rank.
 
     Args:
         student: the student modality (its ``train`` split is the pool).
@@ -107,13 +157,22 @@ class PairingSampler:
         unlabelled: also yield unlabelled student batches ``xu``.
         require_unlabelled: with ``unlabelled``, an empty unlabelled pool is an error (else
             batches simply carry ``xu = None``).
+        workers, prefetch, pin_memory: when a modality is lazy (``data.storage``) and
+            ``workers`` > 0, batches are read by a ``torch.utils.data.DataLoader`` with that many
+            worker processes, each reading ``prefetch`` batches ahead, into pinned memory if
+            ``pin_memory`` (for CUDA). In-memory modalities are always indexed in-process.
         rank, world_size: this process's shard of every global batch.
     """
 
     def __init__(self, student: ModalityData, teacher: Optional[ModalityData], cfg: PairingConfig,
                  batch_size: int, steps_per_epoch: Optional[int] = None, seed: int = 0,
-                 unlabelled: bool = False, require_unlabelled: bool = True, rank: int = 0, world_size: int = 1):
+                 unlabelled: bool = False, require_unlabelled: bool = True, workers: int = 0,
+                 prefetch: int = 2, pin_memory: bool = False, rank: int = 0, world_size: int = 1):
         validate_pairing(cfg)
+        if workers < 0 or prefetch < 1:
+            raise ConfigError(f"data.workers must be >= 0 and data.prefetch >= 1, got {workers} and {prefetch}")
+        self.workers, self.prefetch, self.pin_memory = int(workers), int(prefetch), bool(pin_memory)
+        self._loader: Optional[DataLoader] = None
         if teacher is not None:
             check_compatible(student, teacher)
         self.student, self.teacher, self.cfg = student, teacher, cfg
@@ -239,37 +298,73 @@ class PairingSampler:
                 "teacher_pool": None if self.teacher_pool is None else int(len(self.teacher_pool)),
                 "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch}
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """This rank's shard of every global batch of ``epoch`` (the whole batch in one process)."""
+    def plans(self, epoch: int) -> tuple[list[BatchPlan], torch.Generator]:
+        """The item indices of every (global) batch of ``epoch`` (drawn first, from the epoch's
+        seed; the same on every rank) and the generator of its corruption noise (:meth:`epoch`
+        applies it in batch order)."""
         rng = np.random.default_rng([self.seed, epoch, 2029])
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         n_need = self.steps_per_epoch * self.batch_size
         reps = math.ceil(n_need / len(self.labelled))
         order = np.concatenate([rng.permutation(self.labelled) for _ in range(reps)])[:n_need]
+        out = []
+        for step in range(self.steps_per_epoch):
+            si = order[step * self.batch_size:(step + 1) * self.batch_size]
+            ti = ui = None
+            if self.teacher is not None:
+                ti = self._teacher_indices(si, self.student.y[si].numpy(), rng)
+            if self.want_unlabelled:
+                ui = rng.choice(self.unlabelled_pool, size=self.batch_size,
+                                replace=len(self.unlabelled_pool) < self.batch_size)
+            out.append(BatchPlan(si, ti, ui))
+        return out, gen
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This rank's shard of every batch of ``epoch`` (the whole batch in one process): the
+        items of :meth:`plans`, read (by DataLoader workers when a modality is lazy and
+        ``workers`` > 0), then corrupted in batch order (shift presets)."""
+        plans, gen = self.plans(epoch)
         s, t, cfg = self.student, self.teacher, self.cfg
         shift_s = cfg.shift_level > 0 and cfg.shift_side in ("student", "both")
         shift_t = cfg.shift_level > 0 and cfg.shift_side in ("teacher", "both")
         b = self.batch_size // self.world_size
         mine = slice(self.rank * b, (self.rank + 1) * b)
-
-        def read(data, idx, shift):
-            """This shard's inputs of global item indices ``idx`` (corrupted as a whole batch)."""
-            return corrupt(data.x[idx], data.kind, cfg.shift_level, gen)[mine] if shift else data.x[idx[mine]]
-
-        for step in range(self.steps_per_epoch):
-            si = order[step * self.batch_size:(step + 1) * self.batch_size]
-            ys = s.y[si]
-            batch = Batch(read(s, si, shift_s), ys[mine])
+        reads = [self._shard(p, mine, shift_s, shift_t) for p in plans]
+        for plan, (xs, ys, xt, yt, xu) in zip(plans, self._read(reads)):
+            if shift_s:     # read whole: the noise is the whole batch's
+                xs, ys = corrupt(xs, s.kind, cfg.shift_level, gen)[mine], ys[mine]
+            batch = Batch(xs, ys)
             if t is not None:
-                ti = self._teacher_indices(si, ys.numpy(), rng)
-                batch.xt, batch.yt = read(t, ti, shift_t), t.y[ti[mine]]
-                if not shift_t:
-                    batch.it = torch.as_tensor(ti[mine], dtype=torch.long)
-            if self.want_unlabelled:
-                ui = rng.choice(self.unlabelled_pool, size=self.batch_size,
-                                replace=len(self.unlabelled_pool) < self.batch_size)
-                batch.xu = read(s, ui, shift_s)
+                batch.xt, batch.yt = xt, yt
+                if shift_t:
+                    batch.xt, batch.yt = corrupt(batch.xt, t.kind, cfg.shift_level, gen)[mine], yt[mine]
+                else:
+                    batch.it = torch.as_tensor(plan.ti[mine], dtype=torch.long)
+            if xu is not None:
+                batch.xu = corrupt(xu, s.kind, cfg.shift_level, gen)[mine] if shift_s else xu
             yield batch
+
+    def _shard(self, plan: BatchPlan, mine: slice, shift_s: bool, shift_t: bool) -> BatchPlan:
+        """The items of a global plan this rank reads: its rows ``mine``, or a shifted side's
+        whole batch."""
+        if self.world_size == 1:
+            return plan
+        ti = None if plan.ti is None else (plan.ti if shift_t else plan.ti[mine])
+        ui = None if plan.ui is None else (plan.ui if shift_s else plan.ui[mine])
+        return BatchPlan(plan.si if shift_s else plan.si[mine], ti, ui)
+
+    def _read(self, plans: list) -> Iterator[tuple]:
+        lazy = self.student.lazy or (self.teacher is not None and self.teacher.lazy)
+        if self.workers == 0 or not lazy:
+            reader = BatchReader(self.student, self.teacher)
+            return (reader[p] for p in plans)
+        if self._loader is None:          # started on first use, its workers kept for every epoch
+            self._source = PlanSource()
+            self._loader = DataLoader(BatchReader(self.student, self.teacher), sampler=self._source, batch_size=None,
+                                      num_workers=self.workers, prefetch_factor=self.prefetch,
+                                      pin_memory=self.pin_memory, persistent_workers=True)
+        self._source.plans = plans
+        return iter(self._loader)
 
     def _teacher_indices(self, si, ys, rng) -> np.ndarray:
         mode = self.cfg.mode

@@ -29,12 +29,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..cache import PageRelease
 from ..errors import ConfigError, DataError
 
 MODES = ("auto", "per_feature", "global", "none")
 NORMALISATION_FILE = "normalisation.json"
 #: Rows per chunk of the statistics pass: as many as fit in this many bytes of float32.
-CHUNK_BYTES = 16 * 2 ** 20
+CHUNK_BYTES = 8 * 2 ** 20
 
 
 def resolve_mode(mode: str, kind: str) -> str:
@@ -70,12 +71,16 @@ class Standardizer:
         return cls("per_feature", torch.as_tensor(np.asarray(mean, np.float32).reshape(shape)),
                    torch.as_tensor(np.asarray(std, np.float32).reshape(shape)))
 
-    def __call__(self, x) -> torch.Tensor:
-        """Standardised float32 copy of ``x`` ([B, *input_shape], array or tensor)."""
+    def __call__(self, x, inplace: bool = False) -> torch.Tensor:
+        """Standardised float32 copy of ``x`` ([B, *input_shape], array or tensor); with
+        ``inplace``, ``x`` (a float32 tensor) itself is standardised and returned (same values)."""
+        if inplace:
+            return x if self.mode == "none" else x.sub_(self.mean).div_(self.std)
         if self.mode == "none":
             return torch.tensor(np.asarray(x), dtype=torch.float32) if not isinstance(x, torch.Tensor) \
                 else x.to(torch.float32, copy=True)
-        return (torch.as_tensor(x, dtype=torch.float32) - self.mean) / self.std
+        out = torch.as_tensor(x, dtype=torch.float32) - self.mean
+        return out.div_(self.std)          # in place on the new tensor: one copy of x, same values
 
     # ------------------------------------------------------------------ storage
     def values(self) -> tuple:
@@ -153,8 +158,10 @@ def moments(x, rows: np.ndarray, per_feature: bool, check_finite: bool = False,
     step = chunk_rows(x.shape)
     f = x.shape[1] if per_feature else 1
     count, mean, m2 = 0, np.zeros(f), np.zeros(f)
+    release = PageRelease(x)
     for a in range(0, n_rows, step):
-        block = np.asarray(x[a:a + step], dtype=np.float32)
+        block = np.array(x[a:a + step], dtype=np.float32)
+        release.add(block.nbytes)
         if check_finite and not np.isfinite(block).all():
             bad = a + int(np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0][0])
             raise DataError(f"{where}: inputs contain NaN or inf (item {bad})")

@@ -18,7 +18,7 @@ import torch
 from ..cache import entry, get_or_build, write_json
 from ..config import PairingConfig, RunConfig, config_hash
 from ..data.base import ModalityData, cache_dir
-from ..data.pairing import PairingSampler
+from ..data.pairing import PairingSampler, loader_options
 from ..errors import DataError
 from ..models import Classifier, build_classifier
 from .checkpoint import load_checkpoint, seed_everything
@@ -85,7 +85,7 @@ def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
 
         distiller = build_distiller("ce", model, None)
         sampler = PairingSampler(data, None, PairingConfig(label_budget=None), t.batch_size, t.steps_per_epoch,
-                                 seed=t.seed)
+                                 seed=t.seed, **loader_options(cfg.data, cfg.device))
         key = teacher_key(cfg, data)
         trainer = Trainer(distiller, sampler, data, t, run_dir=tdir / "run", config_hash=config_hash(key),
                           device=cfg.device, progress=progress, desc=f"teacher {data.name}")

@@ -18,6 +18,7 @@ import torch
 
 from ..cache import content_key, state_digest
 from ..data.base import ModalityData
+from ..data.lazy import batch_rows
 from ..models import Classifier
 
 _MEMO: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
@@ -29,7 +30,9 @@ class TeacherOutputs:
     (N = all items of the modality; rows outside the training split are never served).
 
     The table is built on first use, on ``device``, in eval mode and without gradient, in
-    chunks of ``batch_size`` items. ``get(it)`` returns the rows of item indices ``it`` [B'].
+    chunks of ``batch_size`` items (fewer for large items, :func:`ucmkd.data.lazy.batch_rows`; a
+    lazily read modality is read one chunk at a time). ``get(it)`` returns the rows of item
+    indices ``it`` [B'].
     """
 
     def __init__(self, teacher: Classifier, data: ModalityData, device="cpu", batch_size: int = 1024):
@@ -55,8 +58,9 @@ class TeacherOutputs:
         n = len(self.data.y)
         feats = torch.zeros(n, self.teacher.feat_dim, device=self.device)
         logits = torch.zeros(n, self.teacher.num_classes, device=self.device)
-        for i in range(0, len(idx), self.batch_size):
-            rows = idx[i:i + self.batch_size]
+        step = batch_rows(tuple(self.data.x.shape), self.batch_size)   # a lazy modality: one chunk read at a time
+        for i in range(0, len(idx), step):
+            rows = idx[i:i + step]
             z, lg = self.teacher(self.data.x[rows].to(self.device), return_features=True)
             feats[rows.to(self.device)] = z.float()
             logits[rows.to(self.device)] = lg.float()

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..cache import atomic_path, clean_tmp, write_text
 from ..config import OptimConfig
 from ..data.base import ModalityData
+from ..data.lazy import batch_rows
 from ..data.pairing import PairingSampler
 from ..errors import ConfigError, DataError, NumericalError
 from . import distributed
@@ -101,9 +102,11 @@ def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device="cpu",
+def evaluate(model: torch.nn.Module, x, y: torch.Tensor, device="cpu",
              batch_size: int = 1024, dist: Optional[distributed.DataParallel] = None) -> tuple[float, float]:
     """Accuracy in [0, 1] and mean cross-entropy of ``model`` (logits) on (x [N, ...], y [N]).
+    ``x`` is a tensor or a lazily read split (:class:`ucmkd.data.lazy.LazyArray`), read in
+    chunks of ``batch_size`` items (fewer for large items: :func:`ucmkd.data.lazy.batch_rows`).
     With ``dist``, every rank evaluates its contiguous share of the items and the sums are
     all-reduced: every rank returns the same numbers."""
     n = len(y)
@@ -111,6 +114,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device="c
     was = model.training
     model.eval()
     correct, loss = 0, 0.0
+    batch_size = batch_rows(tuple(x.shape), batch_size)
     for i in range(lo, hi, batch_size):
         j = min(i + batch_size, hi)
         xb, yb = x[i:j].to(device), y[i:j].to(device)

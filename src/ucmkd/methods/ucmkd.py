@@ -181,19 +181,20 @@ class UCMKD(Distiller):
         p = self.params
         if not (p.unlabelled and p.precision > 0):
             return {}
-        if len(x_val) > p.calib_items:
-            keep = torch.randperm(len(x_val), generator=torch.Generator().manual_seed(len(x_val)))[:p.calib_items]
-            x_val, y_val = x_val[keep], y_val[keep]
+        keep = torch.arange(len(y_val))
+        if len(y_val) > p.calib_items:
+            keep = torch.randperm(len(y_val), generator=torch.Generator().manual_seed(len(y_val)))[:p.calib_items]
+            keep = keep.sort().values
         was = self.student.training
         self.student.eval()
         device = next(self.student.parameters()).device
         probs = []
-        for i in range(0, len(x_val), 1024):
-            z, logits = self.student(x_val[i:i + 1024].to(device), return_features=True)
+        for i in range(0, len(keep), 256):     # 256 items at a time (x_val may be read lazily)
+            z, logits = self.student(x_val[keep[i:i + 256]].to(device), return_features=True)
             probs.append(self._pseudo_probs(logits, self.project(z), update=False).cpu())
         self.student.train(was)
         conf, pred = torch.cat(probs).max(1)
-        correct = (pred == y_val.cpu()).float()
+        correct = (pred == y_val[keep].cpu()).float()
         tau = 2.0
         for t in sorted({p.threshold, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99}):
             sel = conf >= t
