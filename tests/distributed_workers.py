@@ -8,6 +8,9 @@
   one training step on the first global batch of :func:`grad_config` with a student without
   batch norm (:func:`no_bn_student`); every rank saves the gradients it steps with to
   ``OUT.rank<r>``.
+- ``collectives OUT``: the helpers of :mod:`ucmkd.engine.distributed` against torch.distributed's
+  own collectives (the library is the oracle) and their error paths; every rank saves
+  ``{check: bool}`` to ``OUT.rank<r>``.
 - ``fit CONFIG RUN_DIR WRITES [KILL_AFTER_EPOCH]``: ``ucmkd train --config CONFIG --run-dir
   RUN_DIR`` (the CLI's own ``main``); every atomic write is logged to WRITES as ``<rank>
   <path>``; with KILL_AFTER_EPOCH, rank 0 SIGKILLs itself right after that epoch's commit
@@ -107,6 +110,67 @@ def _grads(cache_dir: str, out: str) -> None:
     torch.save(res, f"{out}.rank{distributed.init_from_env().rank}")
 
 
+def _collectives(out: str) -> None:
+    import warnings
+
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dnn
+
+    from ucmkd.engine import distributed
+    from ucmkd.errors import DataError
+
+    dp = distributed.init_from_env()
+    r, n = dp.rank, dp.world_size
+    g = torch.Generator().manual_seed(10 + r)
+    x, k, m = torch.randn(3, 2, generator=g), torch.randint(0, 9, (3,), generator=g), torch.rand(3, generator=g) > 0.5
+    res = {}
+    with distributed.active(dp):
+        gx, gk, gm = distributed.gather(x, k, m)
+        for name, mine, got in (("float", x, gx), ("int64", k, gk), ("bool", m, gm)):
+            ref = [torch.empty_like(mine) for _ in range(n)]
+            dist.all_gather(ref, mine)
+            res[f"gather {name}"] = torch.equal(got, torch.cat(ref))
+        w = torch.arange(6.0 * n).reshape(3 * n, 2)
+        a = x.clone().requires_grad_(True)
+        (distributed.gather_with_grad(a.t().contiguous().t()) * w).sum().backward()   # a non-contiguous view
+        b = x.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)          # deprecated in 2.13: the oracle still
+            (torch.cat(dnn.all_gather(b)) * w).sum().backward()
+        res["gather_with_grad = torch.distributed.nn.functional.all_gather"] = torch.equal(a.grad, b.grad)
+        res["local_rows"] = torch.equal(distributed.local_rows(gx), x)
+        res["local_masked_rows"] = torch.equal(distributed.local_masked_rows(gx[gm], gm), x[m])
+    try:
+        distributed.check_same_on_ranks(dp, r, "the rank")
+        res["check_same_on_ranks names the odd rank"] = False
+    except DataError as e:
+        res["check_same_on_ranks names the odd rank"] = "rank 1 has 1" in str(e)
+    distributed.check_same_on_ranks(dp, "same", "a value")
+
+    def fails():
+        raise DataError("rank 0 found a problem")
+
+    try:
+        distributed.on_rank_zero(dp, fails)
+        res["on_rank_zero raises rank 0's error everywhere"] = False
+    except DataError as e:
+        res["on_rank_zero raises rank 0's error everywhere"] = str(e) == "rank 0 found a problem"
+    res["on_rank_zero gives rank 0's value"] = distributed.on_rank_zero(dp, lambda: ("v", r)) == ("v", 0)
+    bn = torch.nn.BatchNorm1d(3)
+    bn.running_mean.fill_(float(r))
+    bn.num_batches_tracked.fill_(r + 5)
+    distributed.broadcast_buffers(dp, [bn])
+    res["broadcast_buffers"] = bool((bn.running_mean == 0).all()) and int(bn.num_batches_tracked) == 5
+    params = [torch.zeros(2), torch.zeros(3)]
+    grads = [torch.full((2,), float(r + 1)), None if r == 0 else torch.ones(3)]
+    avg = distributed.average_param_grads(dp, params, grads)
+    res["average_param_grads: mean, None counted as 0"] = (torch.equal(avg[0], torch.full((2,), 1.5)) and
+                                                           torch.equal(avg[1], torch.full((3,), 0.5)))
+    res["average_param_grads: None everywhere stays None"] = distributed.average_param_grads(
+        dp, params, [grads[0], None])[1] is None
+    torch.save(res, f"{out}.rank{r}")
+
+
 def _fit(config: str, run_dir: str, writes: str, kill_after: int | None) -> None:
     import ucmkd.cache as cache
     from ucmkd.cli import main as cli
@@ -149,6 +213,8 @@ def main(argv: list[str]) -> None:
     for task, *args in tasks:
         if task == "grads":
             _grads(*args)
+        elif task == "collectives":
+            _collectives(*args)
         elif task == "fit":
             _fit(args[0], args[1], args[2], int(args[3]) if len(args) > 3 else None)
         else:

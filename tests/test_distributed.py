@@ -181,7 +181,8 @@ def _fit_config(cache_dir: str) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """One 2-process launch (one start-up) for two jobs:
+    """One 2-process launch (one start-up) for three jobs: the collectives' checks
+    (``collectives``), and
 
     - the step gradients of every GRAD_CASES entry, with the 1-process reference:
       ``grads`` = (reference, [rank 0's, rank 1's]);
@@ -192,10 +193,23 @@ def launched(tmp_path_factory):
     ref = {c: step_grads(c, grad_cache) for c in GRAD_CASES}      # trains the teacher into the cache
     cfg_path, writes = root / "run.yaml", root / "writes.txt"
     save_config(_fit_config(str(root / "fit-cache")), cfg_path)
-    res = _ok(torchrun(WORKER, "grads", grad_cache, str(out), "+", "fit", str(cfg_path), str(root / "U"), str(writes)))
+    coll = root / "c"
+    res = _ok(torchrun(WORKER, "collectives", str(coll), "+", "grads", grad_cache, str(out),
+                       "+", "fit", str(cfg_path), str(root / "U"), str(writes)))
     ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
     log = [tuple(line.split(" ", 1)) for line in writes.read_text().splitlines()]
-    return {"grads": (ref, ranks), "fit": (cfg_path, root / "U", log, res.stdout)}
+    checks = [torch.load(f"{coll}.rank{r}", weights_only=False) for r in range(2)]
+    return {"grads": (ref, ranks), "fit": (cfg_path, root / "U", log, res.stdout), "collectives": checks}
+
+
+def test_the_collectives_match_torch_distributed_and_report_errors_on_every_rank(launched):
+    """gather (one packed collective, any dtypes) = dist.all_gather; gather_with_grad's gradient
+    (a non-contiguous input) = torch.distributed.nn.functional.all_gather's; local rows; a value
+    that differs between ranks and an error raised on rank 0 reach every rank as a DataError;
+    rank 0's buffers; the gradient mean with DDP's semantics."""
+    for r, checks in enumerate(launched["collectives"]):
+        failed = [name for name, ok in checks.items() if not ok]
+        assert not failed and len(checks) == 12, f"rank {r}: {failed}"
 
 
 @pytest.fixture(scope="module")

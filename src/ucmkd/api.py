@@ -30,7 +30,7 @@ from .data import ModalityData, PairingSampler, check_compatible, load_modality
 from .data.pairing import loader_options, validate_pairing
 from .data.standardize import NORMALISATION_FILE, normalisation_entry
 from .engine import Trainer, distributed, evaluate, get_teacher, seed_everything
-from .errors import ConfigError, DataError, UcmkdError
+from .errors import ConfigError, DataError
 from .methods import METHODS
 from .models import Classifier, build_classifier
 
@@ -199,6 +199,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
             s, t = _load_pair(cfg)
             student = student if student is not None else s
             teacher_data = teacher_data if teacher_data is not None else t
+    distributed.check_same_on_ranks(dp, [student.fingerprint, None if teacher_data is None else teacher_data.fingerprint],
+                                    "the data (content fingerprints of the student and teacher modalities)")
     check_data(student, "student")
     if teacher_data is not None:
         check_data(teacher_data, "teacher_data")
@@ -233,8 +235,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
             # bring): a mistake in the params or the pairing must not wait for a teacher to train
             dry = student_model_for_run()
             assemble(teacher, copy.deepcopy(dry) if student_model is not None else dry)
-            with distributed.rank_zero_first(dp):   # rank 0 trains and caches the teacher, the others load it
-                teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress and (dp is None or dp.is_main))
+            teacher, teacher_info = _get_teacher(cfg, teacher_data, progress, dp)
     if teacher is not None and teacher_info is None and train_teacher:
         teacher.eval()
         teacher_info = {"val_acc": evaluate(teacher, *teacher_data.split("val"))[0],
@@ -256,6 +257,26 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
                       teacher=teacher, teacher_info=teacher_info or {}, model=model, distiller=distiller,
                       sampler=sampler, device=device, key=content_key(parts) if train_teacher else None,
                       key_parts=parts, dist=dp)
+
+
+def _get_teacher(cfg: RunConfig, teacher_data: ModalityData, progress: bool,
+                 dp: Optional[distributed.DataParallel]) -> tuple[Classifier, dict]:
+    """:func:`ucmkd.engine.get_teacher`; under data parallelism rank 0 alone trains (or loads)
+    and caches it, and every other rank receives its weights (the same teacher everywhere,
+    whatever the other nodes' caches hold)."""
+    if dp is None:
+        return get_teacher(cfg, teacher_data, progress=progress)
+
+    def on_rank_zero():
+        model, info = get_teacher(cfg, teacher_data, progress=progress)
+        return model.state_dict(), info
+
+    state, info = distributed.on_rank_zero(dp, on_rank_zero)
+    from .engine.teacher import build_teacher_model
+
+    teacher = build_teacher_model(cfg, teacher_data)
+    teacher.load_state_dict(state)
+    return teacher.eval().requires_grad_(False), info
 
 
 # --------------------------------------------------------------------------- running
@@ -300,8 +321,11 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
     writer = dp is None or dp.is_main
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
-        _on_rank_zero(dp, lambda: _claim(run_dir, ctx, stale="set_aside" if not resume else stale, fresh=not resume))
-        done = read_json(run_dir / "result.json", "run result")
+        def claim() -> Optional[dict]:
+            _claim(run_dir, ctx, stale="set_aside" if not resume else stale, fresh=not resume)
+            return read_json(run_dir / "result.json", "run result")
+
+        done = distributed.on_rank_zero(dp, claim)
         if done is not None and done.get("key") == ctx.key:
             ctx.trainer(run_dir).restore_best()
             return {**done, "distiller": distiller}
@@ -325,21 +349,6 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
     result = distributed.broadcast_object(dp, result)
     result["distiller"] = distiller   # holds the returned (best-validation) student; not in result.json
     return result
-
-
-def _on_rank_zero(dp: Optional[distributed.DataParallel], fn) -> None:
-    """Call ``fn`` on rank 0 only; a ucmkd error it raises is raised on every rank."""
-    err = None
-    if dp is None or dp.is_main:
-        try:
-            fn()
-        except UcmkdError as e:
-            if dp is None:
-                raise
-            err = e
-    err = distributed.broadcast_object(dp, err)
-    if err is not None:
-        raise err
 
 
 def _result(ctx: RunContext, fit, run_dir: Optional[Path], t0: float) -> dict:

@@ -85,11 +85,13 @@ def _cmd_train_teacher(a) -> int:
     from .engine import distributed, get_teacher
 
     cfg = _load_run_config(a)
-    dp = distributed.init_from_env(cfg.device)      # under torchrun: rank 0 trains, the others load
-    with distributed.rank_zero_first(dp):
+    dp = distributed.init_from_env(cfg.device)      # under torchrun: rank 0 alone trains (and caches) it
+
+    def train():
         teacher_data = load_modality(cfg.data.teacher, cfg.data)     # the student modality plays no part
-        _, info = get_teacher(cfg, teacher_data, progress=not a.no_progress, retrain=a.retrain and
-                              (dp is None or dp.is_main))
+        return get_teacher(cfg, teacher_data, progress=not a.no_progress, retrain=a.retrain)[1]
+
+    info = distributed.on_rank_zero(dp, train)
     if dp is None or dp.is_main:
         print(f"teacher {cfg.data.teacher}: val acc {100 * info['val_acc']:.2f}%, test acc "
               f"{100 * info['test_acc']:.2f}% (best epoch {info['best_epoch']})\ncheckpoint: {info['path']}")

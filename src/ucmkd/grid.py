@@ -192,12 +192,13 @@ def _context(cfg: RunConfig, train_teacher: bool = True):
     """The :class:`~ucmkd.api.RunContext` of a cell. Its teacher is trained (or loaded from the
     cache) for every method, so that teacher-free methods get their alignment diagnostics too;
     ``train_teacher=False``: an untrained one (preflight)."""
-    from .api import prepare
-    from .engine import distributed, get_teacher
+    from .api import _get_teacher, prepare
+    from .engine import distributed
 
-    with distributed.rank_zero_first(distributed.init_from_env(cfg.device)):   # a cell under torchrun
+    dp = distributed.init_from_env(cfg.device)       # a cell under torchrun (ucmkd.cell)
+    with distributed.rank_zero_first(dp):
         student, teacher_data = _load(cfg)
-        teacher, info = get_teacher(cfg, teacher_data) if train_teacher else (None, None)
+    teacher, info = _get_teacher(cfg, teacher_data, False, dp) if train_teacher else (None, None)
     return prepare(cfg, student=student, teacher_data=teacher_data, teacher=teacher, teacher_info=info,
                    train_teacher=train_teacher)
 

@@ -25,8 +25,10 @@ it (evaluation, calibration, teacher training, a single process) they return the
   among the rows a global mask picks.
 
 Engine-side helpers take the :class:`DataParallel` explicitly: :func:`rank_zero_first` (cache
-builders), :func:`average_gradients` (hand-set gradients, which bypass DDP's hooks),
-:func:`broadcast_buffers`, :func:`broadcast_object`, :func:`mean_over_ranks`, :func:`wrap_ddp`.
+builders), :func:`on_rank_zero` (rank 0 reads or decides, every rank gets the value),
+:func:`average_param_grads` (hand-set gradients, which bypass DDP's hooks),
+:func:`broadcast_buffers`, :func:`broadcast_object`, :func:`mean_over_ranks`,
+:func:`check_same_on_ranks`, :func:`wrap_ddp`.
 Every collective adds its payload to :data:`COMM` (bytes each rank passes in), for benchmarks.
 """
 from __future__ import annotations
@@ -37,13 +39,15 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError, UcmkdError
+
+T = TypeVar("T")
 
 #: Seconds a collective may wait (e.g. the other ranks while rank 0 trains a teacher) before the
 #: process group gives up; ``UCMKD_DIST_TIMEOUT_S`` overrides it. torchrun tears the whole job
@@ -320,6 +324,37 @@ def broadcast_object(dp: Optional[DataParallel], obj):
     return box[0]
 
 
+def on_rank_zero(dp: Optional[DataParallel], fn: Callable[[], T]) -> T:
+    """``fn()`` called on rank 0 only, its value given to every rank (what rank 0 reads from
+    its disk or decides; the others need no access to that disk). A ucmkd error ``fn`` raises
+    is raised on every rank."""
+    if dp is None:
+        return fn()
+    value, err = None, None
+    if dp.is_main:
+        try:
+            value = fn()
+        except UcmkdError as e:
+            err = e
+    value, err = broadcast_object(dp, (value, err))
+    if err is not None:
+        raise err
+    return value
+
+
+def check_same_on_ranks(dp: Optional[DataParallel], value, what: str) -> None:
+    """A DataError naming the ranks whose ``value`` (a small JSON-able value, e.g. a content key)
+    differs from rank 0's: every rank must train on the same ``what``."""
+    if dp is None:
+        return
+    every = [None] * dp.world_size
+    dist.all_gather_object(every, value)
+    odd = [r for r, v in enumerate(every) if v != every[0]]
+    if odd:
+        raise DataError(f"{what} differs between the processes: rank 0 has {every[0]!r}, rank {odd[0]} has "
+                        f"{every[odd[0]]!r}; every node must see the same data (e.g. one shared cache directory)")
+
+
 def mean_over_ranks(dp: Optional[DataParallel], values: dict) -> dict:
     """{name: mean over ranks} of per-rank floats; a name a rank lacks counts as 0 there
     (e.g. a term that only some shards produced in a step)."""
@@ -419,5 +454,6 @@ def wrap_ddp(distiller: nn.Module, dp: DataParallel) -> nn.Module:
 
 __all__ = ["DataParallel", "init_from_env", "device_for", "shutdown", "active", "current", "world_size", "gather",
            "gather_with_grad", "local_rows", "local_masked_rows", "barrier", "rank_zero_first", "broadcast_object",
+           "on_rank_zero", "check_same_on_ranks",
            "mean_over_ranks", "average_param_grads", "broadcast_buffers", "wrap_ddp", "TrainableView", "COMM",
            "reset_comm"]

@@ -217,13 +217,23 @@ class Trainer:
         set_rng_state(st["rng"])
 
     def maybe_resume(self) -> bool:
-        """Continue from ``latest.pt`` if there is one (and rewrite the exports from it)."""
-        if self.run_dir is None or not (self.run_dir / "latest.pt").is_file():
+        """Continue from ``latest.pt`` if there is one (and rewrite the exports from it). Under
+        data parallelism rank 0 reads it and every rank gets its content (only rank 0 needs the
+        run directory)."""
+        if self.run_dir is None:
             return False
         path = self.run_dir / "latest.pt"
-        if self.writer:
+
+        def read() -> Optional[dict]:
+            if not path.is_file():
+                return None
             clean_tmp(self.run_dir)
-        self.load_state(load_checkpoint(path), str(path))
+            return load_checkpoint(path)
+
+        st = distributed.on_rank_zero(self.dist, read)
+        if st is None:
+            return False
+        self.load_state(st, str(path))
         if self.writer:
             self._export(list(self.best))
         return True
