@@ -121,6 +121,17 @@ def test_an_explicit_cuda_index_under_several_processes_is_refused():
         distributed.device_for(dp, "cuda:0")
 
 
+def test_grid_commands_refuse_torchrun_and_a_cell_needs_one_process_at_least(monkeypatch, capsys, tmp_path):
+    from ucmkd.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", "quick", "--out", str(tmp_path)]) == 2
+    assert "starts its runs itself: launch it without torchrun" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["run", "digits", "--quick", "--nproc-per-cell", "0", "--out", str(tmp_path)]) == 2
+    assert "nproc_per_cell: expected a value >= 1, got 0" in capsys.readouterr().err
+
+
 def test_the_fp16_loss_scale_is_committed_so_a_resume_is_exact(tmp_path):
     """The fp16 GradScaler path (CUDA in practice) with a CPU scaler and no autocast: it starts
     at a loss scale of 3e38, so the first steps overflow and are skipped while the scale halves.
