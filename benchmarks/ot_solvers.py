@@ -23,6 +23,7 @@ import datetime
 import gc
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -172,8 +173,9 @@ def ot_table(batch_sizes=(64, 256, 1024, 4096), dim: int = 64, eps: float = 0.1,
     lines = [
         f"Features: {features} ({'10 class centres + 0.5 noise' if features == 'clustered' else 'N(0, I)'}), "
         f"d={dim}, M=B, cosine cost, eps={eps}, n_iter={n_iter}, float32, {threads} thread(s); time: median of "
-        f"{repeats} interleaved repeats after one warm-up; memory: fresh subprocess per cell, peak RSS of one "
-        f"forward+backward (after a warm-up) minus the RSS before it. torch {torch.__version__}, POT {ot.__version__}.",
+        f"{repeats} interleaved repeats (random order each) after one warm-up; memory: fresh subprocess per "
+        f"cell, peak RSS of one forward+backward (after a warm-up) minus the RSS before it. "
+        f"torch {torch.__version__}, POT {ot.__version__}.",
         "",
         "| B | variant | POT iterations | fwd+bwd ms | ratio to POT autodiff | peak extra MB | "
         "<P, C> rel. diff to ot.sinkhorn2 |",
@@ -192,8 +194,9 @@ def ot_table(batch_sizes=(64, 256, 1024, 4096), dim: int = 64, eps: float = 0.1,
         steps = {v: make_step(v, zs, zt, eps, n_iter) for v in names}
         times = {v: [] for v in names}
         values = {v: steps[v]() for v in names}  # warm-up
-        for _ in range(repeats):
-            for v in names:
+        order = random.Random(seed + B)
+        for _ in range(repeats):  # interleaved, in a fresh (seeded) random order each repeat
+            for v in order.sample(names, len(names)):
                 t0 = time.perf_counter()
                 steps[v]()
                 times[v].append(1e3 * (time.perf_counter() - t0))

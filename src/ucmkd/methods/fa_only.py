@@ -19,9 +19,10 @@ class OTParams:
     n_iter: int = 100           # Sinkhorn iterations
     backend: str = "fused"      # fused (POT's iterates and stopping rule, faster; tested against POT) | pot (ot.sinkhorn2, the authors' call) | torch (log-domain) | geomloss
     # autodiff: gradient of the transport cost <P, C> through the Sinkhorn iterations (the
-    # authors'; the paper methods keep it unless a recipe says otherwise) | detach: plan
-    # detached, i.e. the gradient of the REGULARISED objective <P, C> - eps H(P) (envelope
-    # theorem), not of <P, C>: cheaper, but 38-90 % away from autodiff in an independent check
+    # authors'; the paper methods keep it unless a recipe says otherwise) | envelope (alias
+    # detach): plan held fixed, i.e. the gradient of the REGULARISED objective <P, C> - eps H(P)
+    # (envelope theorem), not of <P, C>: cheaper, 21-28 % away from autodiff on clustered
+    # features (docs/ot.md), 38-90 % in an independent check on other features
     grad: str = "autodiff"
 
 
