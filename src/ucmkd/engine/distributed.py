@@ -121,7 +121,11 @@ def init_from_env(device: str = "cpu") -> Optional[DataParallel]:
                               f"CUDA devices: start at most that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local)
     backend = "nccl" if cuda else "gloo"
-    timeout = datetime.timedelta(seconds=float(os.environ.get("UCMKD_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    raw = os.environ.get("UCMKD_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        timeout = datetime.timedelta(seconds=float(raw))
+    except ValueError:
+        raise ConfigError(f"distributed: UCMKD_DIST_TIMEOUT_S={raw!r} is not a number of seconds") from None
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
     _PROCESS, _OWNED = DataParallel(rank, world, local, backend), True
     atexit.register(shutdown)
