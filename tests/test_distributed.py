@@ -4,13 +4,16 @@ backend on CPU (tests/distributed_workers.py does the work in the processes).
 - Two processes compute the gradient one process computes on the same global batch, for a
   student without batch norm (whose statistics are per shard by design), for every method
   with a batch-level term and for ``ce``/``kd``.
+- The collectives of ``ucmkd.engine.distributed`` agree with torch.distributed's own, and
+  their error paths reach every rank.
 - ``ucmkd train`` under torchrun: rank 0 alone writes (teacher cache, checkpoints, metrics,
   result.json, which records the world size) and prints; a run whose processes are all killed
   resumes, through ``ucmkd bench --nproc-per-cell 2`` (each cell in 2 processes launched by
   torch.distributed.run), to exactly the uninterrupted 2-process result.
 
-Every launch runs under a timeout in its own process group, killed as a whole on expiry, so
-a hang can never stall the suite.
+Every launch runs in a session of its own under a timeout (then SIGTERM, which torchrun passes
+to its workers, then SIGKILL), and the processes' collectives time out after 60 s, so a hang
+can never stall the suite. Three launches in all (about 30-50 s on 2 busy cores).
 """
 import json
 import os
@@ -175,7 +178,7 @@ def test_the_fp16_loss_scale_is_committed_so_a_resume_is_exact(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(weights(blind), weights(ref)))
 
 
-# --------------------------------------------------------------------------- one launch, two jobs
+# --------------------------------------------------------------------------- one launch, three jobs
 def _fit_config(cache_dir: str) -> RunConfig:
     cfg = RunConfig()
     cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
