@@ -27,10 +27,10 @@ class (500 labelled items, so a batch of 256 is not clamped), ucmkd with its def
 ``--student-width W`` trains a wider student (the default is 16 channels; the work per item
 grows about as W^2) to show how the speed-up follows the share of the step that splits.
 
-``--breakdown`` times the training step alone (16 steps on fixed batches, process CPU time and
-wall time per step, 1 process and rank 0 of 2) for ucmkd and for ucmkd without its OT term
-(``w_fa: 0``) and without its CE shadow (``fallback: false``): what a step costs, and which part
-does not shrink with the shard.
+``--breakdown`` times the training step alone (16 steps from the same checkpoint, process CPU
+time and wall time per step, 1 process and rank 0 of 2) for ucmkd, without its OT term (``w_fa:
+0``), without its unlabelled terms and with its CE shadow retired: what a step costs, and which
+part does not shrink with the shard.
 """
 from __future__ import annotations
 
@@ -109,25 +109,32 @@ def worker(out: str, epochs: int, run_dir: str) -> None:
     distributed.shutdown()
 
 
-BREAKDOWN = {"ucmkd": {}, "ucmkd, w_fa 0": {"w_fa": 0.0}, "ucmkd, fallback off": {"fallback": False},
-             "ucmkd, w_fa 0, fallback off": {"w_fa": 0.0, "fallback": False}}
+BREAKDOWN = {"ucmkd": {}, "ucmkd, w_fa 0 (no OT)": {"w_fa": 0.0}, "ucmkd, unlabelled off": {"unlabelled": False},
+             "ucmkd, shadow retired": {}}
 
 
-def step_worker(out: str) -> None:
-    """Time 16 training steps (after 2 warm-up steps) of every BREAKDOWN variant."""
+def step_worker(out: str, run_dir: str) -> None:
+    """Time 16 training steps (after 2 warm-up steps) of every BREAKDOWN variant, from the
+    weights and state of the checkpoint in ``run_dir`` (the shadow of the last variant retired,
+    as ucmkd retires it once the student leads it clearly)."""
     from ucmkd.api import prepare
-    from ucmkd.engine import distributed
+    from ucmkd.engine import distributed, load_checkpoint
 
     torch.set_num_threads(1)
     res = {}
+    state = load_checkpoint(Path(run_dir) / "latest.pt")
     for name, params in BREAKDOWN.items():
         cfg = config()
         cfg.method.params = params
         ctx = prepare(cfg)
         trainer = ctx.trainer()
-        batches = list(ctx.sampler.epoch(0))
+        trainer.config_hash = ""                 # another variant's checkpoint: same modules, other params
+        trainer.load_state(state)
+        if "retired" in name:
+            ctx.distiller.extra["gate"].active.fill_(False)
+        batches = list(ctx.sampler.epoch(trainer.epoch))
         trainer.distiller.train()
-        trainer.distiller.progress = 0.5
+        trainer.distiller.progress = trainer.epoch / cfg.optim.epochs
         with distributed.active(ctx.dist):
             for b in batches[:2]:
                 trainer.strategy.step(b)
@@ -142,9 +149,9 @@ def step_worker(out: str) -> None:
     distributed.shutdown()
 
 
-def breakdown() -> None:
+def breakdown(base: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        got = {w: _launch(w, 0, Path(tmp) / f"b{w}.json", "--step-worker") for w in (1, 2)}
+        got = {w: _launch(w, 0, Path(tmp) / f"b{w}.json", "--step-worker", str(base)) for w in (1, 2)}
     print(f"load {load()}\n\n| variant | 1 process: CPU ms/step (wall) | rank 0 of 2: CPU ms/step (wall) | CPU ratio |")
     print("|---|---|---|---|")
     for name in BREAKDOWN:
@@ -186,17 +193,17 @@ def main() -> None:
     if a.worker:
         return worker(a.worker, a.epochs, a.run_dir)
     if a.step_worker:
-        return step_worker(a.step_worker)
+        return step_worker(a.step_worker, a.run_dir)
     from ucmkd.api import prepare
 
     torch.set_num_threads(1)
     ctx = prepare(config())                        # teacher and data into the cache, untimed
-    if a.breakdown:
-        return breakdown()
     rows, ratios = [], []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         ctx.trainer(base).fit(stop_after=a.from_epoch)     # the checkpoint every timed run resumes
+        if a.breakdown:
+            return breakdown(base)
         for rep in range(a.repeats):
             order = (1, 2) if rep % 2 == 0 else (2, 1)
             got = {}
