@@ -4,6 +4,7 @@
     ucmkd bench quick [--only PATTERNS] [--workers N] [--out DIR] [key=value ...]
     ucmkd train [--config FILE] [--run-dir DIR] [recipe=NAME] [key=value ...]
     ucmkd train-teacher [--config FILE] [key=value ...]
+    ucmkd export RUN_DIR [--format state_dict|torchscript] [--out FILE]
     ucmkd list
 """
 from __future__ import annotations
@@ -74,6 +75,17 @@ def _cmd_train_teacher(a) -> int:
     return 0
 
 
+def _cmd_export(a) -> int:
+    from .export import export_student
+
+    res = export_student(a.run_dir, a.format, a.out)
+    how = " (compiled with torch.jit.trace: the encoder cannot be scripted)" if res["how"] == "trace" else ""
+    load = ("torch.jit.load(path)" if a.format == "torchscript"
+            else "torch.load(path, weights_only=True); ucmkd.export.load_exported(path) rebuilds the model")
+    print(f"{res['path']}: the student of {a.run_dir} as {a.format}{how}; load it with {load}")
+    return 0
+
+
 def _cmd_list(a) -> int:
     from .data import DATASETS, PRESETS
     from .losses.ot import BACKENDS, METRICS
@@ -133,6 +145,13 @@ def make_parser() -> argparse.ArgumentParser:
         else:
             t.add_argument("--retrain", action="store_true", help="ignore a cached teacher")
         t.set_defaults(fn=fn)
+
+    e = sub.add_parser("export", help="write a finished run's trained student as a standalone PyTorch file")
+    e.add_argument("run_dir", help="a finished run directory (ucmkd train --run-dir, ucmkd.run(run_dir=...))")
+    e.add_argument("--format", default="state_dict", choices=["state_dict", "torchscript"],
+                   help="state_dict: torch.load + an architecture description; torchscript: torch.jit.load")
+    e.add_argument("--out", default=None, help="output file (default: RUN_DIR/student.pt or student.torchscript.pt)")
+    e.set_defaults(fn=_cmd_export)
 
     ls = sub.add_parser("list", help="list datasets, methods, backbones, metrics, presets and recipes")
     ls.set_defaults(fn=_cmd_list)
