@@ -30,6 +30,8 @@ from .methods import METHODS
 from .models import Classifier, build_classifier
 
 RUN_KEY_FILE = "key.json"
+#: RunConfig fields that never change a result, left out of every key
+UNKEYED = ("device", "threads", "logging")
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
@@ -55,8 +57,8 @@ def run_key(cfg: RunConfig) -> str:
     The grid's results store keys cells by it; a run directory is keyed by the content key of
     :func:`prepare` (which adds the data, the student architecture and the teacher weights)."""
     d = to_dict(cfg)
-    d.pop("device", None)
-    d.pop("threads", None)
+    for k in UNKEYED:
+        d.pop(k, None)
     return config_hash(d)
 
 
@@ -138,11 +140,11 @@ class RunContext:
     key: Optional[str]
     key_parts: dict
 
-    def trainer(self, run_dir: Optional[Path] = None, progress: bool = False) -> Trainer:
+    def trainer(self, run_dir: Optional[Path] = None, progress: bool = False, logger=None) -> Trainer:
         c = self.cfg
         return Trainer(self.distiller, self.sampler, self.student_data, c.optim, run_dir=run_dir,
                        config_hash=self.key or "", device=self.device, progress=progress,
-                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}")
+                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}", logger=logger)
 
     @property
     def fingerprints(self) -> dict:
@@ -165,6 +167,10 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
     check_device(cfg.device)
+    if cfg.logging.tensorboard:
+        from .engine.tb_logger import require_tensorboard
+
+        require_tensorboard()          # before any teacher trains
     validate_pairing(cfg.pairing)      # before any data is loaded or teacher trained
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
@@ -216,8 +222,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
 
         distiller.use_teacher_outputs(TeacherOutputs(teacher, teacher_data, cfg.device))
     config = to_dict(cfg)
-    config.pop("device", None)
-    config.pop("threads", None)
+    for k in UNKEYED:
+        config.pop(k, None)
     config["method"]["params"] = asdict(params)       # defaults spelled out: {} == {w: default}
     parts = {"config": config, "student_data": student.fingerprint,
              "teacher_data": teacher_data.fingerprint if teacher_data is not None else None,
@@ -281,17 +287,28 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
         save_config(cfg, run_dir / "config.yaml")
         write_json(run_dir / NORMALISATION_FILE, {"student": normalisation_entry(ctx.student_data),
                                                   "teacher": normalisation_entry(ctx.teacher_data)})
-    trainer = ctx.trainer(run_dir, progress)
-    t0 = time.time()
-    fit = trainer.fit()
-    trainer.restore_best()
-    diag = {}
-    if ctx.teacher is not None and ctx.teacher_data is not None:
-        from .diagnostics import alignment_diagnostics
+    logger = None
+    if cfg.logging.tensorboard:
+        from .engine.tb_logger import TensorBoardLogger
 
-        proj = distiller.extra["projector"] if "projector" in distiller.extra else None
-        diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data, projector=proj,
-                                     seed=cfg.seed, device=cfg.device)
+        logger = TensorBoardLogger.for_run(cfg.logging, run_dir)
+    try:
+        trainer = ctx.trainer(run_dir, progress, logger=logger)
+        t0 = time.time()
+        fit = trainer.fit()
+        trainer.restore_best()
+        diag = {}
+        if ctx.teacher is not None and ctx.teacher_data is not None:
+            from .diagnostics import alignment_diagnostics
+
+            proj = distiller.extra["projector"] if "projector" in distiller.extra else None
+            diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data,
+                                         projector=proj, seed=cfg.seed, device=cfg.device)
+        if logger is not None:
+            logger.final(trainer.step_count, diag, fit.selected)
+    finally:
+        if logger is not None:
+            logger.close()
     result = {
         "method": cfg.method.name, "seed": cfg.seed, "teacher": cfg.data.teacher, "student": cfg.data.student,
         "test_acc": fit.test_acc, "val_acc": fit.val_acc, "best_epoch": fit.best_epoch,

@@ -140,15 +140,19 @@ class Trainer:
         optim: optimiser/schedule config.
         run_dir: where checkpoints and metrics go (None: keep nothing on disk).
         config_hash: identifies the run; a ``latest.pt`` from another config is not resumed.
+        logger: optional hooks (e.g. :class:`~ucmkd.engine.tb_logger.TensorBoardLogger`):
+            ``start(step, distiller)`` after any resume, ``step(step, lr, logs)`` after every
+            step, ``epoch(step, row, candidates)`` before each epoch's commit.
     """
 
     def __init__(self, distiller, sampler: PairingSampler, data: ModalityData, optim: OptimConfig,
                  run_dir: Optional[Path] = None, config_hash: str = "", device: str = "cpu",
-                 progress: bool = False, desc: str = ""):
+                 progress: bool = False, desc: str = "", logger=None):
         self.distiller = distiller.to(device)
         self.sampler, self.data, self.optim = sampler, data, optim
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.config_hash, self.device, self.progress, self.desc = config_hash, device, progress, desc
+        self.logger = logger
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.strategy = STRATEGIES.get(distiller.strategy)(distiller, self.optimizer, optim.clip_norm,
                                                            precision=Precision(optim.precision, device))
@@ -206,6 +210,8 @@ class Trainer:
         stops after that many epochs in total (to simulate an interruption)."""
         t0 = time.time()
         self.maybe_resume()
+        if self.logger is not None:
+            self.logger.start(self.step_count, self.distiller)
         end = self.optim.epochs if stop_after is None else min(stop_after, self.optim.epochs)
         bar = tqdm(range(self.epoch, end), desc=self.desc or self.distiller.name, leave=False,
                    disable=not self.progress, initial=self.epoch, total=self.optim.epochs)
@@ -223,6 +229,8 @@ class Trainer:
                             if self.run_dir is not None and self.epoch > 0 else "")
                     raise NumericalError(f"{self.desc or self.distiller.name}: {e} at {where}{keep}") from None
                 self.step_count += 1
+                if self.logger is not None:
+                    self.logger.step(self.step_count, lr, logs)
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
             self.epoch = ep + 1
@@ -241,6 +249,8 @@ class Trainer:
             for name in improved:   # weights after calibration (it may set the student's buffers)
                 self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
                                                 else cands[name].state_dict())
+            if self.logger is not None:      # flushed before the commit: a resume never lacks them
+                self.logger.epoch(self.step_count, row, list(cands))
             self._commit(improved)
             bar.set_postfix(val=f"{row['val_acc']:.3f}", best=f"{self.best['student']['val_acc']:.3f}")
         bar.close()
