@@ -10,8 +10,12 @@ one ``ucmkd`` run's time, and predicts the gain of ``ucmkd`` over ``ce``:
    teacher pool's and the student pool's class priors).
 2. **Teacher**: trained or taken from the cache exactly as ``ucmkd train`` would (its
    validation accuracy; the test split is never read by a probe).
-3. **CE probe**: ``ce`` at the run's label budget and seed for a fraction ``probe_epochs`` of
-   the run's epochs (same steps per epoch, batch and learning rate): its validation accuracy.
+3. **CE probe and learning curve**: ``ce`` on the run's labelled items (its label budget and
+   seed) for a fraction ``probe_epochs`` of the run's epochs (same steps per epoch, batch and
+   learning rate), scored on one half B of the validation split: the CE student's accuracy at the
+   label budget. On its features, a closed-form linear classifier fitted on the labelled items,
+   then on them plus the other validation half A, both scored on B: how much better the student
+   gets with more labels, which bounds what ``ucmkd``'s pseudo-labels and teacher terms can add.
 4. **Alignment probe** on the CE probe's features: a least-squares linear map P of the
    labelled items' features onto the teacher's class means of their labels (closed form, the
    "brief alignment"), then on the validation split (:func:`ucmkd.diagnostics.alignment_diagnostics`):
@@ -44,7 +48,8 @@ from .config import RunConfig, from_dict, to_dict
 from .errors import ConfigError, DataError
 
 COEFFICIENTS_FILE = Path(__file__).with_name("diagnose_model.json")
-PROBE_EPOCHS = 0.15          # fraction of the run's epochs the CE probe trains
+PROBE_EPOCHS = 0.125         # fraction of the run's epochs the CE probe trains
+PROBE_VERSION = 5            # bumped when the probes change (keys stored probe results)
 PROBE_ITEMS = 256            # validation items per modality for the alignment probe's OT
 WEAK_MARGIN = 2.0            # pp: a teacher must beat the CE probe by this much ...
 CEILING = 95.0               # ... unless the probe is already this accurate (%)
@@ -67,8 +72,11 @@ class Diagnosis:
     teacher_balance: float           # the same over the teacher's pool (after the pairing options)
     prior_tv: float                  # TV between the teacher pool's and the student pool's class priors
     teacher_val_acc: float
-    ce_val_acc: float                # the CE probe (validation)
-    ce_probe_steps: int
+    ce_val_acc: float                # the CE probe at the label budget (validation half B)
+    linear_val_acc: float            # a linear classifier on its features, fitted on the labelled items (half B)
+    more_labels_val_acc: float       # the same with validation half A's labels added (half B)
+    n_more_labels: int               # the items of half A
+    ce_probe_steps: int              # steps of the CE probe
     fa: float                        # OT cost between aligned probe features and teacher features
     fa_classwise: float              # the same per class, averaged
     teacher_head_acc: float          # frozen teacher head on the aligned probe features (validation)
@@ -101,6 +109,10 @@ class Diagnosis:
              f"prior TV {self.prior_tv:.2f}" + (" (long-tailed pool)" if max(self.teacher_balance, self.student_balance) > 3 else "")),
             ("teacher accuracy (val)", pct(self.teacher_val_acc), ""),
             ("CE student at the label budget (probe, val)", pct(self.ce_val_acc), f"{self.ce_probe_steps} steps"),
+            ("learning curve: linear probe at the budget -> with more labels (val)",
+             f"{pct(self.linear_val_acc)} -> {pct(self.more_labels_val_acc)}",
+             f"+{self.n_more_labels} labelled validation items: "
+             f"{100 * (self.more_labels_val_acc - self.linear_val_acc):+.1f} pp"),
             ("headroom: teacher - CE probe", f"{100 * (self.teacher_val_acc - self.ce_val_acc):+.1f} pp", ""),
             ("FA: class-wise OT cost (aligned probe features)", f"{self.fa_classwise:.2f}",
              f"global {self.fa:.2f}; 0 = each class on the teacher's"),
@@ -149,6 +161,26 @@ def least_squares_map(z: torch.Tensor, y: torch.Tensor, zt: torch.Tensor, yt: to
     return lin.requires_grad_(False)
 
 
+def ridge_classifier(z: torch.Tensor, y: torch.Tensor, num_classes: int, ridge: float = 1e-2):
+    """Closed-form linear classifier: features ``z`` [n, d] standardised with their own mean and
+    (population) std, one-hot targets of ``y`` [n], weights ``argmin |[Z 1] W - Y|^2 + ridge * n *
+    |W|^2`` in float64. Returns a function mapping features [m, d] to scores [m, K]."""
+    z = z.detach().double()
+    mean, std = z.mean(0), z.std(0, unbiased=False).clamp_min(1e-6)
+
+    def design(x):
+        return torch.cat([(x.detach().double() - mean) / std, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+
+    a = design(z)
+    target = torch.nn.functional.one_hot(y, num_classes).double()
+    w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1], dtype=torch.float64), a.T @ target)
+    return lambda x: design(x) @ w
+
+
+def _accuracy(scores, z: torch.Tensor, y: torch.Tensor) -> float:
+    return float((scores(z).argmax(1) == y).double().mean())
+
+
 def _balance(y: np.ndarray, k: int) -> float:
     counts = np.bincount(y, minlength=k)
     present = counts[counts > 0]
@@ -173,6 +205,30 @@ def probe_config(cfg: RunConfig, probe_epochs: float = PROBE_EPOCHS) -> RunConfi
     return from_dict(RunConfig, d)
 
 
+def ce_probe(pcfg: RunConfig, data, train_idx: np.ndarray, eval_idx: np.ndarray):
+    """(model in eval mode, validation accuracy on ``eval_idx``, steps): ``ce`` trained with the
+    probe config on the labelled items ``train_idx`` of ``data`` (best epoch on ``eval_idx``; the
+    test split is never read)."""
+    from dataclasses import replace
+
+    from .api import build_student
+    from .config import PairingConfig
+    from .data import PairingSampler
+    from .engine import Trainer, seed_everything
+    from .methods import build_distiller
+
+    view = replace(data, splits={"train": torch.as_tensor(np.sort(train_idx)), "val": torch.as_tensor(eval_idx),
+                                 "test": torch.as_tensor(eval_idx[:1])})
+    seed_everything(pcfg.seed)
+    model = build_student(pcfg, data)
+    sampler = PairingSampler(view, None, PairingConfig(label_budget=None), pcfg.optim.batch_size,
+                             pcfg.optim.steps_per_epoch, seed=pcfg.seed)
+    trainer = Trainer(build_distiller("ce", model, None), sampler, view, pcfg.optim, device=pcfg.device)
+    fit = trainer.fit()
+    trainer.restore_best()
+    return model.eval(), float(fit.val_acc), int(trainer.step_count)
+
+
 def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teacher_info=None,
              predict: bool = True, model: Optional["GainModel"] = None, probe_epochs: float = PROBE_EPOCHS,
              progress: bool = False) -> Diagnosis:
@@ -183,7 +239,7 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
     from .api import check_data, load_pair
     from .data import PairingSampler, check_compatible
     from .diagnostics import alignment_diagnostics
-    from .engine import Trainer, evaluate, get_teacher, seed_everything
+    from .engine import evaluate, get_teacher
     from .engine.teacher import teacher_dir
 
     t0 = time.time()
@@ -212,30 +268,23 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
                              seed=cfg.seed, unlabelled=True, require_unlabelled=False)
     sy, ty = student.y.numpy(), teacher_data.y.numpy()
     pool = np.concatenate([sampler.labelled, sampler.unlabelled_pool])
-    # CE probe: the same labelled items, seed and schedule shape, fewer epochs
+    # the validation split in two halves: A adds labels to the learning-curve probe, B scores both
+    val = student.splits["val"].numpy()
+    perm = np.random.default_rng([cfg.seed, 7]).permutation(val)
+    half_a, half_b = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
     pcfg = probe_config(cfg, probe_epochs)
-    from .api import build_student
-    from .methods import build_distiller
-
-    seed_everything(pcfg.seed)
-    probe = build_student(pcfg, student)
-    ce = build_distiller("ce", probe, None)
-    psampler = PairingSampler(student, None, pcfg.pairing, pcfg.optim.batch_size, pcfg.optim.steps_per_epoch,
-                              seed=pcfg.seed)
-    # the probe never reads the test split: the trainer's test evaluations see one validation item
-    from dataclasses import replace
-
-    blind = replace(student, splits={**student.splits, "test": student.splits["val"][:1]})
-    trainer = Trainer(ce, psampler, blind, pcfg.optim, device=cfg.device)
-    fit = trainer.fit()
-    trainer.restore_best()
-    probe.eval()
+    probe, ce_acc, steps = ce_probe(pcfg, student, sampler.labelled, half_b)
     with torch.no_grad():
-        lab = torch.as_tensor(sampler.labelled)
+        lab, ia, ib = (torch.as_tensor(i) for i in (sampler.labelled, half_a, half_b))
+        zl, za, zb = (probe.features(student.x[i]) for i in (lab, ia, ib))
+        yl, ya, yb = (student.y[i] for i in (lab, ia, ib))
+        # the learning curve, in the probe's feature space: a closed-form linear classifier on the
+        # labelled items, then with half A's labels added, both scored on half B
+        lin_acc = _accuracy(ridge_classifier(zl, yl, k), zb, yb)
+        more_acc = _accuracy(ridge_classifier(torch.cat([zl, za]), torch.cat([yl, ya]), k), zb, yb)
         tr = teacher_data.splits["train"]
-        tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[:1024]]
-        pmap = least_squares_map(probe.features(student.x[lab]), student.y[lab], teacher.features(teacher_data.x[tr]),
-                                 teacher_data.y[tr], k)
+        tr = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed))[:512]]
+        pmap = least_squares_map(zl, yl, teacher.features(teacher_data.x[tr]), teacher_data.y[tr], k)
         diag = alignment_diagnostics(probe, teacher, student, teacher_data, projector=pmap, max_items=PROBE_ITEMS,
                                      seed=cfg.seed, device=cfg.device)
         xv, yv = student.split("val")
@@ -248,7 +297,9 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
         n_teacher_pool=int(len(sampler.teacher_pool)), labelled_balance=_balance(sy[sampler.labelled], k),
         student_balance=_balance(sy[pool], k), teacher_balance=_balance(ty[sampler.teacher_pool], k),
         prior_tv=float(0.5 * np.abs(_prior(ty[sampler.teacher_pool], k) - _prior(sy[pool], k)).sum()),
-        teacher_val_acc=float(t_val), ce_val_acc=float(fit.val_acc), ce_probe_steps=int(trainer.step_count),
+        teacher_val_acc=float(t_val), ce_val_acc=ce_acc, linear_val_acc=lin_acc, more_labels_val_acc=more_acc,
+        n_more_labels=len(half_a),
+        ce_probe_steps=steps,
         fa=diag["fa"], fa_classwise=diag["fa_classwise"], teacher_head_acc=diag["teacher_head_acc"],
         la_tv=diag["la_tv"], vote_acc=vote_acc, teacher_seconds=teacher_seconds, teacher_cached=cached)
     if predict:
@@ -262,10 +313,12 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
 def verdict(d: Diagnosis) -> tuple[str, str]:
     """(verdict, reason) of the module docstring."""
     head = 100 * (d.teacher_val_acc - d.ce_val_acc)
+    lo, hi = d.interval
     if head < WEAK_MARGIN and 100 * d.ce_val_acc < CEILING:
         return "teacher too weak", (f"the teacher ({100 * d.teacher_val_acc:.1f} %) does not beat the CE probe "
-                                    f"({100 * d.ce_val_acc:.1f} %) by {WEAK_MARGIN:.0f} pp")
-    lo, hi = d.interval
+                                    f"({100 * d.ce_val_acc:.1f} %) by {WEAK_MARGIN:.0f} pp; ucmkd's own use of the "
+                                    f"unlabelled items may still add {d.predicted_gain:+.1f} pp (interval {lo:+.1f} to "
+                                    f"{hi:+.1f}), and its CE fallback guards against a harmful teacher")
     if d.predicted_gain >= MIN_GAIN:
         return "distil", f"predicted +{d.predicted_gain:.1f} pp over ce (interval {lo:+.1f} to {hi:+.1f})"
     return "do not bother", (f"predicted {d.predicted_gain:+.1f} pp over ce, below {MIN_GAIN:.0f} pp"
@@ -273,27 +326,28 @@ def verdict(d: Diagnosis) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- the gain model
-#: Named features of a diagnosis (a :meth:`Diagnosis.to_dict`), in pp where they are accuracies.
 def _pp(v) -> float:
     return 100.0 * float(v)
 
 
 def features_of(d: dict) -> dict:
-    """The gain model's inputs from a diagnosis dict."""
-    head = max(0.0, _pp(d["teacher_val_acc"]) - _pp(d["ce_val_acc"]))
+    """The gain model's inputs from a diagnosis dict, one per term of the bound plus the student's
+    own unlabelled data:
+
+    - ``headroom``: teacher accuracy minus the CE probe's, at least 0 (pp): what a teacher can add;
+    - ``fa_classwise``: the class-wise OT cost of the aligned probe features (feature alignment);
+    - ``la_tv``: TV between the teacher head's and the probe head's predictions (label alignment);
+    - ``unlabelled_potential``: ``ce (100 - ce) / 100 * u * more / 100`` (pp), with ``ce`` the CE
+      probe's accuracy, ``more`` the learning curve's accuracy with more labels and
+      ``u = min(1, log(1 + unlabelled / labelled))``: pseudo-labels help most where the student is
+      neither hopeless nor done, an unlabelled pool exists, and more labels would make it better.
+    NaN alignment terms (no teacher head on the features) count as the worst value, 1."""
     ce = _pp(d["ce_val_acc"])
-    th = _pp(d["teacher_head_acc"]) if not math.isnan(d["teacher_head_acc"]) else ce
-    vote = _pp(d["vote_acc"])
-    u = math.log1p(d["n_unlabelled"] / max(1, d["n_labelled"]))
-    return {
-        "headroom": head,
-        "headroom_x_ce": head * ce / 100.0,
-        "headroom_x_teacher_head": head * th / 100.0,
-        "headroom_x_unlabelled": head * u,
-        "vote_gain": max(0.0, vote - ce),
-        "fa_classwise": float(d["fa_classwise"]) if not math.isnan(d["fa_classwise"]) else 1.0,
-        "la_tv": float(d["la_tv"]) if not math.isnan(d["la_tv"]) else 1.0,
-    }
+    u = min(1.0, math.log1p(d["n_unlabelled"] / max(1, d["n_labelled"])))
+    nan1 = lambda v: 1.0 if v is None or math.isnan(v) else float(v)  # noqa: E731
+    return {"headroom": max(0.0, _pp(d["teacher_val_acc"]) - ce), "fa_classwise": nan1(d["fa_classwise"]),
+            "la_tv": nan1(d["la_tv"]),
+            "unlabelled_potential": ce * (100.0 - ce) / 100.0 * u * _pp(d["more_labels_val_acc"]) / 100.0}
 
 
 @dataclass
