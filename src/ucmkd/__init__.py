@@ -11,6 +11,7 @@ from .data import PairingSampler, load_modality, register_dataset
 from .engine import Trainer, get_teacher
 from .errors import ConfigError, DataError, NumericalError, UcmkdError
 from .experiment import run_experiment
+from .export import load_student
 from .methods import Distiller, register_method
 from .recipes import recipe_config
 
@@ -18,4 +19,4 @@ __version__ = "0.1.0"
 __all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "prepare", "RunContext", "run_experiment",
            "build_student", "load_pair",
            "load_modality", "register_dataset", "PairingSampler", "Trainer", "get_teacher", "Distiller",
-           "register_method", "recipe_config", "ConfigError", "DataError", "NumericalError", "UcmkdError"]
+           "register_method", "recipe_config", "load_student", "ConfigError", "DataError", "NumericalError", "UcmkdError"]

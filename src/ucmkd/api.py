@@ -35,6 +35,8 @@ from .methods import METHODS
 from .models import Classifier, build_classifier
 
 RUN_KEY_FILE = "key.json"
+#: RunConfig fields that never change a result, left out of every key
+UNKEYED = ("device", "threads", "logging")
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
@@ -60,8 +62,8 @@ def key_config(cfg: RunConfig) -> dict:
     change only how inputs are read (``DataConfig.IO_FIELDS``: storage, workers; what they read
     enters keys through the data's content fingerprint)."""
     d = to_dict(cfg)
-    d.pop("device", None)
-    d.pop("threads", None)
+    for k in UNKEYED:
+        d.pop(k, None)
     for k in DataConfig.IO_FIELDS:
         d["data"].pop(k, None)
     return d
@@ -158,11 +160,12 @@ class RunContext:
     def world_size(self) -> int:
         return 1 if self.dist is None else self.dist.world_size
 
-    def trainer(self, run_dir: Optional[Path] = None, progress: bool = False) -> Trainer:
+    def trainer(self, run_dir: Optional[Path] = None, progress: bool = False, logger=None) -> Trainer:
         c = self.cfg
         return Trainer(self.distiller, self.sampler, self.student_data, c.optim, run_dir=run_dir,
                        config_hash=self.key or "", device=self.device, progress=progress,
-                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}", dist=self.dist)
+                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}", dist=self.dist,
+                       logger=logger)
 
     @property
     def fingerprints(self) -> dict:
@@ -189,6 +192,10 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
     check_device(cfg.device)
+    if cfg.logging.tensorboard:
+        from .engine.tb_logger import require_tensorboard
+
+        require_tensorboard()          # before any teacher trains
     dp = distributed.init_from_env(cfg.device)
     device = distributed.device_for(dp, cfg.device)
     validate_pairing(cfg.pairing)      # before any data is loaded or teacher trained
@@ -337,15 +344,27 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
             save_config(cfg, run_dir / "config.yaml")
             write_json(run_dir / NORMALISATION_FILE, {"student": normalisation_entry(ctx.student_data),
                                                       "teacher": normalisation_entry(ctx.teacher_data)})
-    trainer = ctx.trainer(run_dir, progress)
-    t0 = time.time()
-    fit = trainer.fit()
-    trainer.restore_best()
+    logger = None
+    if cfg.logging.tensorboard and writer:
+        from .engine.tb_logger import TensorBoardLogger
+
+        logger = TensorBoardLogger.for_run(cfg.logging, run_dir)
     result = None
-    if writer:
-        result = _result(ctx, fit, run_dir, t0)
-        if run_dir is not None:
-            write_json(run_dir / "result.json", result)
+    try:
+        trainer = ctx.trainer(run_dir, progress, logger=logger)
+        t0 = time.time()
+        fit = trainer.fit()
+        trainer.restore_best()
+        if writer:
+            result = _result(ctx, fit, run_dir, t0)
+            if logger is not None:
+                diag = {k[len("diag_"):]: v for k, v in result.items() if k.startswith("diag_")}
+                logger.final(trainer.step_count, diag, fit.selected)
+            if run_dir is not None:
+                write_json(run_dir / "result.json", result)
+    finally:
+        if logger is not None:
+            logger.close()
     result = distributed.broadcast_object(dp, result)
     result["distiller"] = distiller   # holds the returned (best-validation) student; not in result.json
     return result

@@ -5,6 +5,9 @@
     ucmkd train [--config FILE] [--run-dir DIR] [recipe=NAME] [key=value ...]
     torchrun --standalone --nproc_per_node=N -m ucmkd train ...     (data-parallel, docs/scaling.md)
     ucmkd train-teacher [--config FILE] [key=value ...]
+    ucmkd diagnose [--config FILE] [--json] [key=value ...]
+    ucmkd plot RUN_DIR [--ce RUN_DIR] [--method tsne|umap] [--out FILE]
+    ucmkd export RUN_DIR [--format state_dict|torchscript] [--out FILE]
     ucmkd list
 """
 from __future__ import annotations
@@ -98,6 +101,35 @@ def _cmd_train_teacher(a) -> int:
     return 0
 
 
+def _cmd_diagnose(a) -> int:
+    import json
+
+    from .diagnose import diagnose
+
+    d = diagnose(_load_run_config(a), progress=not a.no_progress)
+    print(json.dumps(d.to_dict(), indent=2, default=str) if a.json else d.table())
+    return 0
+
+
+def _cmd_plot(a) -> int:
+    from .feature_plot import plot_features
+
+    path = plot_features(a.run_dir, ce_dir=a.ce, method=a.method, out=a.out)
+    print(f"{path}: validation features of {a.run_dir} (and its ce run), {a.method}")
+    return 0
+
+
+def _cmd_export(a) -> int:
+    from .export import export_student
+
+    res = export_student(a.run_dir, a.format, a.out)
+    how = " (compiled with torch.jit.trace: the encoder cannot be scripted)" if res["how"] == "trace" else ""
+    load = ("torch.jit.load(path)" if a.format == "torchscript"
+            else "torch.load(path, weights_only=True); ucmkd.export.load_exported(path) rebuilds the model")
+    print(f"{res['path']}: the student of {a.run_dir} as {a.format}{how}; load it with {load}")
+    return 0
+
+
 def _cmd_list(a) -> int:
     from .data import DATASETS, PRESETS
     from .losses.ot import BACKENDS, METRICS
@@ -162,6 +194,28 @@ def make_parser() -> argparse.ArgumentParser:
         else:
             t.add_argument("--retrain", action="store_true", help="ignore a cached teacher")
         t.set_defaults(fn=fn)
+
+    dg = sub.add_parser("diagnose", help="before training: checks, short probes of the bound's terms and the "
+                                         "predicted gain of ucmkd over ce, with a verdict")
+    dg.add_argument("--config", default=None, help="YAML file with RunConfig fields")
+    dg.add_argument("--json", action="store_true", help="print the diagnosis as JSON instead of a table")
+    dg.add_argument("--no-progress", action="store_true")
+    dg.add_argument("overrides", nargs="*", help="key=value overrides, as for ucmkd train")
+    dg.set_defaults(fn=_cmd_diagnose)
+
+    pl = sub.add_parser("plot", help="student and teacher validation features in one 2-D embedding, next to ce's")
+    pl.add_argument("run_dir", help="a finished run directory")
+    pl.add_argument("--ce", default=None, help="the ce run to compare with (default: the grid sibling, else trained)")
+    pl.add_argument("--method", default="tsne", choices=["tsne", "umap"], help="tsne (scikit-learn) or umap (umap-learn)")
+    pl.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/features.png)")
+    pl.set_defaults(fn=_cmd_plot)
+
+    e = sub.add_parser("export", help="write a finished run's trained student as a standalone PyTorch file")
+    e.add_argument("run_dir", help="a finished run directory (ucmkd train --run-dir, ucmkd.run(run_dir=...))")
+    e.add_argument("--format", default="state_dict", choices=["state_dict", "torchscript"],
+                   help="state_dict: torch.load + an architecture description; torchscript: torch.jit.load")
+    e.add_argument("--out", default=None, help="output file (default: RUN_DIR/student.pt or student.torchscript.pt)")
+    e.set_defaults(fn=_cmd_export)
 
     ls = sub.add_parser("list", help="list datasets, methods, backbones, metrics, presets and recipes")
     ls.set_defaults(fn=_cmd_list)

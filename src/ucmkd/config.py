@@ -210,6 +210,16 @@ class MethodConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where training is logged besides ``metrics.jsonl``/``metrics.csv`` (always written). Not
+    part of a run's key: logging never changes a result."""
+
+    tensorboard: bool = False                # TensorBoard event files (pip install ucmkd[tensorboard])
+    tensorboard_dir: Optional[str] = None    # default: <run_dir>/tb
+    every_steps: int = ranged(1, 1)          # per-step values every this many steps
+
+
+@dataclass
 class RunConfig:
     """Everything that defines one student training run."""
 
@@ -222,6 +232,7 @@ class RunConfig:
     seed: int = ranged(0, 0)
     device: str = "cpu"
     threads: Optional[int] = ranged(None, 1)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # a named recipe (``ucmkd list``; ucmkd/recipes/*.yaml): dotted overrides filled in between the
     # defaults and the mapping's own values when this config is built from a mapping (YAML file,
     # key=value overrides, ``from_dict``); see docs/reproduction.md

@@ -163,11 +163,16 @@ class Trainer:
         config_hash: identifies the run; a ``latest.pt`` from another config is not resumed.
         dist: this process's data-parallel group (None: one process); the sampler must shard
             the global batches for the same group.
+        logger: optional hooks (e.g. :class:`~ucmkd.engine.tb_logger.TensorBoardLogger`):
+            ``start(step, distiller)`` after any resume, ``step(step, lr, logs)`` after every
+            step, ``epoch(step, row, candidates)`` before each epoch's commit (give it to the
+            writing process only).
     """
 
     def __init__(self, distiller, sampler: PairingSampler, data: ModalityData, optim: OptimConfig,
                  run_dir: Optional[Path] = None, config_hash: str = "", device: str = "cpu",
-                 progress: bool = False, desc: str = "", dist: Optional[distributed.DataParallel] = None):
+                 progress: bool = False, desc: str = "", dist: Optional[distributed.DataParallel] = None,
+                 logger=None):
         world = 1 if dist is None else dist.world_size
         if getattr(sampler, "world_size", 1) != world:
             raise ConfigError(f"trainer: the sampler shards batches for {getattr(sampler, 'world_size', 1)} "
@@ -179,6 +184,7 @@ class Trainer:
         self.dist = dist
         self.writer = dist is None or dist.is_main      # the one process that writes (and shows progress)
         self.progress = progress and self.writer
+        self.logger = logger if self.writer else None
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.strategy = STRATEGIES.get(distiller.strategy)(distiller, self.optimizer, optim.clip_norm,
                                                            precision=Precision(optim.precision, device), dist=dist)
@@ -250,6 +256,8 @@ class Trainer:
         stops after that many epochs in total (to simulate an interruption)."""
         t0 = time.time()
         self.maybe_resume()
+        if self.logger is not None:
+            self.logger.start(self.step_count, self.distiller)
         end = self.optim.epochs if stop_after is None else min(stop_after, self.optim.epochs)
         bar = tqdm(range(self.epoch, end), desc=self.desc or self.distiller.name, leave=False,
                    disable=not self.progress, initial=self.epoch, total=self.optim.epochs)
@@ -268,6 +276,8 @@ class Trainer:
                             if self.run_dir is not None and self.epoch > 0 else "")
                     raise NumericalError(f"{self.desc or self.distiller.name}: {e} at {where}{keep}") from None
                 self.step_count += 1
+                if self.logger is not None:      # under DDP: rank 0's shard (epoch rows: all ranks)
+                    self.logger.step(self.step_count, lr, logs)
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
             self.epoch = ep + 1
@@ -288,6 +298,8 @@ class Trainer:
             for name in improved:   # weights after calibration (it may set the student's buffers)
                 self.best_states[name] = _clone(self.distiller.trainable_state_dict() if name == "student"
                                                 else cands[name].state_dict())
+            if self.logger is not None:      # flushed before the commit: a resume never lacks them
+                self.logger.epoch(self.step_count, row, list(cands))
             self._commit(improved)
             bar.set_postfix(val=f"{row['val_acc']:.3f}", best=f"{self.best['student']['val_acc']:.3f}")
         bar.close()

@@ -79,6 +79,7 @@ __all__ = [
     "sinkhorn_plan",
     "plan_cost",
     "sinkhorn_cost",
+    "plan_entropy",
     "FeatureAlignmentLoss",
 ]
 
@@ -205,13 +206,15 @@ def _range_msg(C: torch.Tensor, eps: float, lo: float | None = None, hi: float |
     return f"cost range [min C, max C] = [{lo:.4g}, {hi:.4g}], max C / eps = {hi / eps:.4g}"
 
 
-def _log_sinkhorn_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float = 0.0) -> torch.Tensor:
+def _log_sinkhorn_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float = 0.0,
+                       info: dict | None = None) -> torch.Tensor:
     """Log-domain replica of POT's ``sinkhorn_knopp`` with uniform marginals.
 
     POT:  u = 1/B, v = 1/M, K = exp(-C/eps); repeat: v = b / (K^T u); u = a / (K v);
     plan = diag(u) K diag(v).  Here ``log u``/``log v`` are updated with logsumexp.
     ``stop_thr > 0``: POT's stopping rule (break after iteration ``i`` with ``i % 10 == 0``
     once the column-marginal error ``|P^T 1 - b|_2 < stop_thr``); ``0``: exactly ``n_iter``.
+    ``info``: a dict that receives ``iterations`` (the number run).
     """
     B, M = C.shape
     log_a = -math.log(B)
@@ -219,6 +222,7 @@ def _log_sinkhorn_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float
     log_k = C / (-eps)
     log_u = torch.full((B,), log_a, dtype=C.dtype, device=C.device)
     log_v = torch.full((M,), log_b, dtype=C.dtype, device=C.device)
+    it = 0
     for it in range(n_iter):
         log_v = log_b - torch.logsumexp(log_k + log_u[:, None], dim=0)
         log_u = log_a - torch.logsumexp(log_k + log_v[None, :], dim=1)
@@ -227,6 +231,8 @@ def _log_sinkhorn_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float
                 col = torch.exp(log_k + log_u[:, None] + log_v[None, :]).sum(0)
                 if float(torch.linalg.vector_norm(col - 1.0 / M)) < stop_thr:
                     break
+    if info is not None:
+        info["iterations"] = it + 1
     return torch.exp(log_u[:, None] + log_k + log_v[None, :])
 
 
@@ -305,13 +311,17 @@ def _knopp(K: torch.Tensor, n_iter: int, stop_thr: float, history: bool = False)
     return u, v, T, err, (U[:T] if history else None), (V[:T] if history else None)
 
 
-def _fused_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float) -> torch.Tensor | None:
+def _fused_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float,
+                info: dict | None = None) -> torch.Tensor | None:
     """Plan ``diag(u) K diag(v)`` from :func:`_knopp`, built in K's buffer; ``None`` if the
-    plain domain cannot hold the problem (then the caller uses the log domain)."""
+    plain domain cannot hold the problem (then the caller uses the log domain). ``info``
+    receives ``iterations``."""
     K = _plain_kernel(C, eps)
     res = None if K is None else _knopp(K, n_iter, stop_thr)
     if res is None:
         return None
+    if info is not None:
+        info["iterations"] = res[2]
     u, v = res[0], res[1]
     for sl in _row_blocks(K):
         K[sl].mul_(u[sl, None]).mul_(v)
@@ -406,12 +416,18 @@ def _uniform(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
 
 
-def _pot_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float, context: str) -> torch.Tensor:
+def _pot_plan(C: torch.Tensor, eps: float, n_iter: int, stop_thr: float, context: str,
+              info: dict | None = None) -> torch.Tensor:
     import ot  # POT
 
     B, M = C.shape
     with _pot_guard(C, eps, context):
-        return ot.sinkhorn(_uniform(B, C), _uniform(M, C), C, reg=eps, numItermax=n_iter, stopThr=stop_thr)
+        if info is None:
+            return ot.sinkhorn(_uniform(B, C), _uniform(M, C), C, reg=eps, numItermax=n_iter, stopThr=stop_thr)
+        P, log = ot.sinkhorn(_uniform(B, C), _uniform(M, C), C, reg=eps, numItermax=n_iter, stopThr=stop_thr,
+                             log=True)
+    info["iterations"] = int(log["niter"]) + 1      # POT records the index of its last iteration
+    return P
 
 
 def _check_plan(P: torch.Tensor, C: torch.Tensor, eps: float, context: str) -> None:
@@ -429,19 +445,26 @@ def _check_plan(P: torch.Tensor, C: torch.Tensor, eps: float, context: str) -> N
 
 
 def _solve_plan(C: torch.Tensor, eps: float, n_iter: int, backend: str, stop_thr: float,
-                context: str) -> torch.Tensor:
-    """Plan [B, M] for a detached cost ``C`` (no validation)."""
+                context: str, info: dict | None = None) -> torch.Tensor:
+    """Plan [B, M] for a detached cost ``C`` (no validation); ``info`` receives ``iterations``."""
     with torch.no_grad():
         if backend == "fused":
-            P = _fused_plan(C, eps, n_iter, stop_thr)
+            P = _fused_plan(C, eps, n_iter, stop_thr, info)
             if P is None:  # the plain domain cannot hold this cost range: log domain
-                P = _log_sinkhorn_plan(C, eps, n_iter, stop_thr)
+                P = _log_sinkhorn_plan(C, eps, n_iter, stop_thr, info)
         elif backend == "pot":
-            P = _pot_plan(C, eps, n_iter, stop_thr, context)
+            P = _pot_plan(C, eps, n_iter, stop_thr, context, info)
         else:  # torch: exactly n_iter log-domain iterations
-            P = _log_sinkhorn_plan(C, eps, n_iter)
+            P = _log_sinkhorn_plan(C, eps, n_iter, info=info)
         _check_plan(P, C, eps, context)
     return P
+
+
+def plan_entropy(P: torch.Tensor) -> float:
+    """Shannon entropy ``-sum_ij P_ij log P_ij`` of a plan (nats; 0 log 0 = 0): ``log(B M)`` for
+    the independent plan ``1 / (B M)``, ``log B`` for a permutation (B = M)."""
+    with torch.no_grad():
+        return float(torch.special.entr(P.detach()).sum())
 
 
 def sinkhorn_plan(
@@ -568,30 +591,46 @@ def plan_cost(
     return _plan_loss(P, zs, zt, metric, C)
 
 
-def _torch_cost(C: torch.Tensor, eps: float, n_iter: int) -> torch.Tensor:
-    return (_log_sinkhorn_plan(C, eps, n_iter) * C).sum()
+def _torch_cost(C: torch.Tensor, eps: float, n_iter: int, stats: dict | None = None) -> torch.Tensor:
+    P = _log_sinkhorn_plan(C, eps, n_iter, info=stats)
+    if stats is not None:
+        stats["plan_entropy"] = plan_entropy(P)
+    return (P * C).sum()
 
 
-def _fused_autodiff_cost(C: torch.Tensor, eps: float, n_iter: int) -> torch.Tensor:
+def _fused_autodiff_cost(C: torch.Tensor, eps: float, n_iter: int, stats: dict | None = None) -> torch.Tensor:
     """POT's ``sinkhorn2`` value and autodiff gradient from :func:`_knopp` and a hand-written
     backward; the log domain (autograd through logsumexp, same stopping rule) when the
-    plain domain cannot hold the problem."""
+    plain domain cannot hold the problem. ``stats`` receives ``iterations`` and ``plan_entropy``."""
     with torch.no_grad():
         K = _plain_kernel(C.detach(), eps)
         res = None if K is None else _knopp(K, n_iter, STOP_THR, history=True)
     if res is None:
-        return (_log_sinkhorn_plan(C, eps, n_iter, STOP_THR) * C).sum()
-    u, v, _, _, U, V = res
+        P = _log_sinkhorn_plan(C, eps, n_iter, STOP_THR, info=stats)
+        if stats is not None:
+            stats["plan_entropy"] = plan_entropy(P)
+        return (P * C).sum()
+    u, v, T, _, U, V = res
+    if stats is not None:
+        stats["iterations"] = T
+        stats["plan_entropy"] = plan_entropy(u[:, None] * K * v)
     return _KnoppAutodiff.apply(C, K, u, v, U, V, eps)
 
 
-def _pot_cost(C: torch.Tensor, eps: float, n_iter: int, context: str) -> torch.Tensor:
-    """``ot.sinkhorn2`` with autograd through the iterations, guarded against underflow."""
+def _pot_cost(C: torch.Tensor, eps: float, n_iter: int, context: str, stats: dict | None = None) -> torch.Tensor:
+    """``ot.sinkhorn2`` with autograd through the iterations, guarded against underflow;
+    ``stats`` receives ``iterations`` and ``plan_entropy`` (from POT's own log)."""
     import ot  # POT
 
     B, M = C.shape
     with _pot_guard(C, eps, context):
-        out = ot.sinkhorn2(_uniform(B, C), _uniform(M, C), C, reg=eps, numItermax=n_iter)
+        if stats is None:
+            out = ot.sinkhorn2(_uniform(B, C), _uniform(M, C), C, reg=eps, numItermax=n_iter)
+        else:
+            out, log = ot.sinkhorn2(_uniform(B, C), _uniform(M, C), C, reg=eps, numItermax=n_iter, log=True)
+            stats["iterations"] = int(log["niter"]) + 1
+            with torch.no_grad():
+                stats["plan_entropy"] = plan_entropy(log["u"][:, None] * torch.exp(-C.detach() / eps) * log["v"])
     # A plan with unit mass has min C <= <P, C> <= max C.  When exp(-C/eps) underflows,
     # POT only warns and falls back to an earlier iterate (e.g. P = K / (B M) = 0, so
     # the "loss" is 0): turn that silent failure into an error.
@@ -636,7 +675,8 @@ def geomloss_schedule(diameter: float, eps: float, n_iter: int) -> tuple[float, 
 
 
 def _geomloss_cost(
-    zs: torch.Tensor, zt: torch.Tensor, C: torch.Tensor, metric: str, eps: float, n_iter: int
+    zs: torch.Tensor, zt: torch.Tensor, C: torch.Tensor, metric: str, eps: float, n_iter: int,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     import geomloss
 
@@ -667,7 +707,11 @@ def _geomloss_cost(
     B, M = C.shape
     f, g = f.detach().reshape(B), g.detach().reshape(M)  # GeomLoss returns [1, B], [1, M]
     log_p = (f[:, None] + g[None, :] - C.detach()) / eps - math.log(B * M)
-    return (torch.exp(log_p) * C).sum()
+    P = torch.exp(log_p)
+    if stats is not None:
+        stats["iterations"] = math.nan        # eps-scaling steps, not Sinkhorn-Knopp iterations
+        stats["plan_entropy"] = plan_entropy(P)
+    return (P * C).sum()
 
 
 def sinkhorn_cost(
@@ -679,6 +723,7 @@ def sinkhorn_cost(
     backend: str = "torch",
     grad: str = "autodiff",
     extra_cost: torch.Tensor | None = None,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Entropic OT transport cost ``<P, C>`` between ``zs`` [B, d] and ``zt`` [M, d].
 
@@ -703,6 +748,10 @@ def sinkhorn_cost(
             ``lam * [y_i != y_j]`` that makes transport across classes expensive (joint
             feature-label OT). Not supported by ``geomloss`` (its cost is a function of
             the points only).
+        stats: optional dict that receives the solve's ``iterations`` (Sinkhorn iterations
+            run; ``geomloss``: its eps-scaling steps, NaN) and ``plan_entropy`` (of the plan
+            behind the returned cost, nats, :func:`plan_entropy`). Values and gradients are
+            the same with or without it.
 
     Returns:
         0-dim tensor, ``sum_ij P_ij C_ij`` in cost units, dtype of ``zs`` promoted to
@@ -737,19 +786,21 @@ def sinkhorn_cost(
     extra = _check_extra(extra_cost, shape, zs.dtype, backend)
     context = f"backend={backend!r}, metric={metric!r}, eps={eps}"
     if backend == "geomloss":
-        out = _geomloss_cost(zs, zt, _pairwise_cost(zs, zt, metric), metric, eps, n_iter)
+        out = _geomloss_cost(zs, zt, _pairwise_cost(zs, zt, metric), metric, eps, n_iter, stats)
     elif grad == "autodiff":
         C = _pairwise_cost(zs, zt, metric)
         C = C if extra is None else C + extra
         if backend == "torch":
-            out = _torch_cost(C, eps, n_iter)
+            out = _torch_cost(C, eps, n_iter, stats)
         elif backend == "pot":
-            out = _pot_cost(C, eps, n_iter, context)
+            out = _pot_cost(C, eps, n_iter, context, stats)
         else:
-            out = _fused_autodiff_cost(C, eps, n_iter)
+            out = _fused_autodiff_cost(C, eps, n_iter, stats)
     else:  # envelope / detach
         C = _envelope_cost_matrix(zs, zt, metric, extra)
-        P = _solve_plan(C.detach(), eps, n_iter, backend, STOP_THR, context)
+        P = _solve_plan(C.detach(), eps, n_iter, backend, STOP_THR, context, stats)
+        if stats is not None:
+            stats["plan_entropy"] = plan_entropy(P)
         out = _plan_loss(P, zs, zt, metric, C)
     if not bool(torch.isfinite(out.detach())):
         raise NumericalError(
@@ -765,7 +816,12 @@ class FeatureAlignmentLoss(torch.nn.Module):
 
     The teacher features are detached, so only the student receives gradients.
     Arguments are those of :func:`sinkhorn_cost` and are validated at construction.
+    With ``record_stats = True`` each forward leaves the solve's ``stats`` of
+    :func:`sinkhorn_cost` (``iterations``, ``plan_entropy``) in ``last_stats`` (for logging;
+    off by default: the entropy costs one pass over the plan).
     """
+
+    record_stats: bool = False
 
     def __init__(
         self,
@@ -782,14 +838,19 @@ class FeatureAlignmentLoss(torch.nn.Module):
         self.n_iter = n_iter
         self.backend = backend
         self.grad = grad
+        self.last_stats: dict = {}
 
     def forward(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(zt, torch.Tensor):
             zt = zt.detach()
-        return sinkhorn_cost(
+        stats = {} if self.record_stats else None
+        out = sinkhorn_cost(
             zs, zt, metric=self.metric, eps=self.eps, n_iter=self.n_iter,
-            backend=self.backend, grad=self.grad, extra_cost=extra_cost,
+            backend=self.backend, grad=self.grad, extra_cost=extra_cost, stats=stats,
         )
+        if stats is not None:
+            self.last_stats = stats
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -18,10 +18,10 @@ AUTO_BACKBONE = {"vector": "mlp", "signal": "cnn1d", "image": "cnn2d"}
 class Encoder(nn.Module):
     """Base encoder: ``stages`` (list of modules, for multi-stage methods) then an embedding.
 
-    ``forward(x) -> z [B, feat_dim]``; ``forward_stages(x) -> list of stage outputs``.
+    ``forward(x) -> z [B, feat_dim]``; ``forward_stages(x) -> list of stage outputs``. (``feat_dim``,
+    an int, has no class-level annotation: under ``from __future__ import annotations`` TorchScript
+    cannot resolve it, and every encoder must stay scriptable for ``ucmkd export``.)
     """
-
-    feat_dim: int
 
     def __init__(self, stages: list[nn.Module], embed: nn.Module, feat_dim: int):
         super().__init__()
