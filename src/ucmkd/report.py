@@ -149,11 +149,14 @@ def with_ungated(results: list[dict], method: str, label: str) -> list[dict]:
     return results + extra
 
 
-def _fmt_delta(r: dict | None) -> str:
+def _fmt_delta(r: dict | None, spread: bool = False) -> str:
+    """``mean [CI]`` of a summary row's paired delta, `` *`` when the CI excludes 0; ``spread``
+    adds the seed-to-seed standard deviation of the per-seed deltas (``sd``)."""
     if r is None or math.isnan(r["delta_mean"]):
         return "-"
     mark = " *" if ci_excludes_zero(r) else ""
-    return f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}"
+    sd = f" sd {r['delta_std']:.1f}" if spread and r["n"] > 1 else ""
+    return f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}{sd}"
 
 
 def ci_excludes_zero(r: dict) -> bool:
@@ -191,14 +194,14 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
             continue
         cands = [rows[(s, m)] for m in baselines if (s, m) in rows]
         best = max(cands, key=lambda r: r["delta_mean"]) if cands else None
-        best_txt = f"{best['method']} {_fmt_delta(best)}" if best else "-"
+        best_txt = f"{best['method']} {_fmt_delta(best, spread=True)}" if best else "-"
         fb = sel.get(s, [])
         out.append(f"| {s} | {b['teacher_acc']:.1f} | {b['acc_mean']:.1f} +- {b['acc_std']:.1f} | "
-                   f"**{_fmt_delta(rows[(s, method)])}** | "
+                   f"**{_fmt_delta(rows[(s, method)], spread=True)}** | "
                    + " | ".join(_fmt_delta(rows.get((s, m))) for m in list(compare) + ([control] if control else []))
                    + f" | {best_txt} | {sum(fb)}/{len(fb)} |")
     out += ["", "Deltas: pp vs " + baseline + ", mean over seeds paired by seed, [95 % Student-t CI]; "
-            "`*`: the CI excludes 0.", ""]
+            "`*`: the CI excludes 0; sd: the standard deviation of the per-seed deltas (seed-to-seed spread).", ""]
     # suite mean delta of every method that ran in every listed setting
     def is_ablation(m: str) -> bool:
         return m == ungated or bool(ablation_prefix) and m.startswith(ablation_prefix)
