@@ -196,7 +196,9 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
         best = max(cands, key=lambda r: r["delta_mean"]) if cands else None
         best_txt = f"{best['method']} {_fmt_delta(best, spread=True)}" if best else "-"
         fb = sel.get(s, [])
-        out.append(f"| {s} | {b['teacher_acc']:.1f} | {b['acc_mean']:.1f} +- {b['acc_std']:.1f} | "
+        # the teacher the method distilled from (a teacher-free baseline's row may come from an
+        # earlier teacher of the same data: its result does not depend on it)
+        out.append(f"| {s} | {rows[(s, method)]['teacher_acc']:.1f} | {b['acc_mean']:.1f} +- {b['acc_std']:.1f} | "
                    f"**{_fmt_delta(rows[(s, method)], spread=True)}** | "
                    + " | ".join(_fmt_delta(rows.get((s, m))) for m in list(compare) + ([control] if control else []))
                    + f" | {best_txt} | {sum(fb)}/{len(fb)} |")
