@@ -281,22 +281,24 @@ def _knopp(K: torch.Tensor, n_iter: int, stop_thr: float, history: bool = False)
     if history:
         U = torch.empty(n_iter, B, dtype=K.dtype, device=K.device)
         V = torch.empty(n_iter, M, dtype=K.dtype, device=K.device)
+        U_rows, V_rows = U.unbind(0), V.unbind(0)       # row views made once, not per iteration
     s = torch.mv(K.T, u)                                 # K^T u
-    blocks = [(K[sl], u[sl]) for sl in _row_blocks(K)]
+    # (block, its transpose, its u rows): views made once (the loop is dispatch-bound at small B)
+    blocks = [(K[sl], K[sl].T, u[sl]) for sl in _row_blocks(K)]
     err, it = math.inf, 0
     for it in range(n_iter):
         torch.div(b, s, out=vB).mul_(B)                  # v = b / K^T u
         if history:
-            U[it].copy_(u)
-            torch.div(vB, B, out=V[it])
+            U_rows[it].copy_(u)
+            torch.div(vB, B, out=V_rows[it])
         check = it % _CHECK_EVERY == 0
         accumulate = check or it + 1 < n_iter            # s is needed next iteration or now
         if accumulate:
             s.zero_()
-        for Kb, ub in blocks:
+        for Kb, KbT, ub in blocks:
             torch.mv(Kb, vB, out=ub).reciprocal_()       # u_I = a_I / (K_I v)
             if accumulate:
-                s.addmv_(Kb.T, ub)                       # s += K_I^T u_I while K_I is cached
+                s.addmv_(KbT, ub)                        # s += K_I^T u_I while K_I is cached
         if check:
             err = float(torch.linalg.vector_norm(vB * s / B - b))
             if not math.isfinite(err):
@@ -369,15 +371,18 @@ class _KnoppAutodiff(torch.autograd.Function):
         vsq = V.square().mul_(-M)                        # -v^2 / b of iteration k
         torch.mul(gu, u.square().mul_(-B), out=A[T - 1])
         gv = torch.mv(K.T, A[T - 1]).add_(gvP)
+        # views made once, not per step (the reverse pass is dispatch-bound at small B)
+        G_rows, vsq_rows = G.unbind(0), vsq.unbind(0)
+        parts = [(K[sl], K[sl].T, A[:, sl].unbind(0), usq[:, sl].unbind(0)) for sl in blocks]
         for k in range(T - 1, -1, -1):
-            torch.mul(gv, vsq[k], out=G[k])              # gs = -gv v^2 / b
+            gs = torch.mul(gv, vsq_rows[k], out=G_rows[k])   # gs = -gv v^2 / b
             if k == 0:
                 break                                    # the starting u is a constant
             gv.zero_()
-            for sl in blocks:                            # gu = K gs; gt = -gu u^2; gv = K^T gt / a
-                ab = A[k - 1, sl]
-                torch.mv(K[sl], G[k], out=ab).mul_(usq[k, sl])
-                gv.addmv_(K[sl].T, ab)
+            for Kb, KbT, A_rows, usq_rows in parts:      # gu = K gs; gt = -gu u^2; gv = K^T gt / a
+                ab = A_rows[k - 1]
+                torch.mv(Kb, gs, out=ab).mul_(usq_rows[k])
+                gv.addmv_(KbT, ab)
         W = torch.mm(torch.cat([A, U]).T, torch.cat([V, G]))   # sum of the 2T outer products
         for sl in blocks:                                # dL/dC = P - (K W + C P) / eps
             Kb, Wb = K[sl], W[sl]
