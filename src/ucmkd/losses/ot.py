@@ -283,14 +283,17 @@ def _knopp(K: torch.Tensor, n_iter: int, stop_thr: float, history: bool = False)
         V = torch.empty(n_iter, M, dtype=K.dtype, device=K.device)
         U_rows, V_rows = U.unbind(0), V.unbind(0)       # row views made once, not per iteration
     s = torch.mv(K.T, u)                                 # K^T u
-    # (block, its transpose, its u rows): views made once (the loop is dispatch-bound at small B)
+    # B as a 0-dim tensor: a Python number would be converted to a tensor in every call (the
+    # same value, exactly: B < 2^24); the loop is dispatch-bound at small B
+    B_t = torch.tensor(float(B), dtype=K.dtype, device=K.device)
+    # (block, its transpose, its u rows): views made once
     blocks = [(K[sl], K[sl].T, u[sl]) for sl in _row_blocks(K)]
     err, it = math.inf, 0
     for it in range(n_iter):
-        torch.div(b, s, out=vB).mul_(B)                  # v = b / K^T u
+        torch.div(b, s, out=vB).mul_(B_t)                # v = b / K^T u
         if history:
             U_rows[it].copy_(u)
-            torch.div(vB, B, out=V_rows[it])
+            torch.div(vB, B_t, out=V_rows[it])
         check = it % _CHECK_EVERY == 0
         accumulate = check or it + 1 < n_iter            # s is needed next iteration or now
         if accumulate:
