@@ -395,6 +395,12 @@ def _result(ctx: RunContext, fit, run_dir: Optional[Path], t0: float) -> dict:
 
 
 # --------------------------------------------------------------------------- run directories
+def run_key_parts(run_dir: str | Path) -> dict:
+    """The ``parts`` of a run directory's key (config, data fingerprints, student architecture,
+    teacher digest) from its ``key.json``; ``{}`` when it has none."""
+    return (read_json(Path(run_dir) / RUN_KEY_FILE, "run key") or {}).get("parts") or {}
+
+
 def stored_key(run_dir: Path) -> Optional[str]:
     """The key of the run ``run_dir`` holds (key.json, else result.json, else latest.pt), or None."""
     ident = read_json(run_dir / RUN_KEY_FILE, "run key")

@@ -34,7 +34,6 @@ whole call, ``teacher_seconds`` the part spent getting the teacher.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -424,12 +423,15 @@ class GainModel:
 
     @classmethod
     def load(cls, path: str | Path = COEFFICIENTS_FILE) -> "GainModel":
+        from .cache import read_json
+
         path = Path(path)
-        if not path.is_file():
+        d = read_json(path, "gain model")         # a DataError naming the file if unreadable
+        if d is None:
             raise DataError(f"{path}: the gain model's coefficients are missing (fit them with "
                             f"python benchmarks/diagnose_validation.py)")
         try:
-            return from_dict(cls, json.loads(path.read_text()), str(path))
+            return from_dict(cls, d, str(path))
         except (ValueError, ConfigError) as e:
             raise DataError(f"{path}: unreadable gain model ({e})") from None
 

@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .api import RUN_KEY_FILE, run_key_parts
 from .cache import atomic_path, read_json
 from .config import RunConfig, load_config
 from .data.standardize import NORMALISATION_FILE, Standardizer
@@ -73,17 +74,17 @@ def _run_files(run_dir: Path) -> tuple[dict, dict, RunConfig]:
     if result is None:
         raise DataError(f"{run_dir}: no result.json, so the run has not finished (resume it with the same "
                         f"command, e.g. ucmkd train --run-dir {run_dir} ...)")
-    ident = read_json(run_dir / "key.json", "run key") or {}
+    parts = run_key_parts(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise DataError(f"{cfg_path}: not found (every ucmkd run directory has one)")
-    return result, ident, load_config(RunConfig, cfg_path)
+    return result, parts, load_config(RunConfig, cfg_path)
 
 
-def _student_fingerprint(ident: dict, run_dir: Path) -> dict:
-    fp = (ident.get("parts") or {}).get("student_data")
+def _student_fingerprint(parts: dict, run_dir: Path) -> dict:
+    fp = parts.get("student_data")
     if not fp:
-        raise DataError(f"{run_dir / 'key.json'}: no student data fingerprint (written by an older ucmkd?)")
+        raise DataError(f"{run_dir / RUN_KEY_FILE}: no student data fingerprint (written by an older ucmkd?)")
     return fp
 
 
@@ -120,8 +121,8 @@ def load_student(run_dir: str | Path, model: Optional[Classifier] = None) -> Loa
     (a DataError naming the file) for an unfinished run, missing files or an architecture that
     does not match the stored weights."""
     run_dir = Path(run_dir)
-    result, ident, cfg = _run_files(run_dir)
-    fp = _student_fingerprint(ident, run_dir)
+    result, parts, cfg = _run_files(run_dir)
+    fp = _student_fingerprint(parts, run_dir)
     selected, state = _selected_weights(run_dir, result)
     if "head.weight" not in state:
         raise DataError(f"{run_dir / 'latest.pt'}: the student weights have no 'head.weight' (not a "
@@ -131,7 +132,7 @@ def load_student(run_dir: str | Path, model: Optional[Classifier] = None) -> Loa
         model = _build_default(cfg, fp, num_classes)
         from .cache import model_signature, signature_diff
 
-        stored = (ident.get("parts") or {}).get("student_model")
+        stored = parts.get("student_model")
         if stored and stored != model_signature(model):
             raise DataError(f"{run_dir}: the run's student is not the one its config builds "
                             f"({signature_diff(stored, model_signature(model))}): it was built by you; pass "
@@ -187,8 +188,7 @@ class ExportedStudent(nn.Module):
 
 def architecture(loaded: LoadedStudent) -> dict:
     """How to rebuild the student (the arguments of :func:`ucmkd.models.build_classifier`), plain types."""
-    m, fp = loaded.config.model, _student_fingerprint(read_json(loaded.run_dir / "key.json", "run key") or {},
-                                                      loaded.run_dir)
+    m, fp = loaded.config.model, _student_fingerprint(run_key_parts(loaded.run_dir), loaded.run_dir)
     return {"builder": "ucmkd.models.build_classifier", "input_shape": [int(s) for s in loaded.input_shape],
             "kind": fp["kind"], "num_classes": int(loaded.model.num_classes), "backbone": m.student_backbone,
             "width": int(m.student_width), "feat_dim": int(m.student_feat_dim),

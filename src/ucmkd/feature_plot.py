@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .cache import read_json
+from .api import run_key_parts
 from .errors import ConfigError, DataError
 
 EMBEDDINGS = ("tsne", "umap")
@@ -69,8 +69,7 @@ def _teacher_for(loaded, student, teacher_data):
     from .engine import get_teacher
 
     teacher, _ = get_teacher(loaded.config, teacher_data)
-    ident = read_json(loaded.run_dir / "key.json", "run key") or {}
-    want = (ident.get("parts") or {}).get("teacher")
+    want = run_key_parts(loaded.run_dir).get("teacher")
     if want and state_digest(teacher.state_dict()) != want:
         raise DataError(f"{loaded.run_dir}: the cached teacher is not the run's teacher (digest "
                         f"{state_digest(teacher.state_dict())} != {want}): the run was given its own teacher")
@@ -130,8 +129,7 @@ def find_ce_run(run_dir: Path) -> Optional[Path]:
     cand = run_dir.parent.parent / "ce" / run_dir.name
     if cand == run_dir or not (cand / "result.json").is_file():
         return None
-    mine = (read_json(run_dir / "key.json", "run key") or {}).get("parts") or {}
-    other = (read_json(cand / "key.json", "run key") or {}).get("parts") or {}
+    mine, other = run_key_parts(run_dir), run_key_parts(cand)
     same = all(mine.get(k) == other.get(k) for k in ("student_data", "teacher_data")) and \
         (mine.get("config") or {}).get("seed") == (other.get("config") or {}).get("seed")
     return cand if same else None
