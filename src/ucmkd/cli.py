@@ -183,7 +183,9 @@ def make_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_cmd_bench)
 
     for name, fn, helptext in (("train", _cmd_train, "train one student (one method, one seed)"),
-                               ("train-teacher", _cmd_train_teacher, "train (or reuse) the teacher")):
+                               ("train-teacher", _cmd_train_teacher, "train (or reuse) the teacher"),
+                               ("diagnose", _cmd_diagnose, "before training: checks, short probes of the bound's "
+                                "terms and the predicted gain of ucmkd over ce, with a verdict")):
         t = sub.add_parser(name, help=helptext)
         t.add_argument("--config", default=None, help="YAML file with RunConfig fields")
         t.add_argument("--no-progress", action="store_true")
@@ -191,17 +193,11 @@ def make_parser() -> argparse.ArgumentParser:
                        "recipe=paper-ravdess method.name=ucmkd-bilevel selects the authors' RAVDESS settings")
         if name == "train":
             t.add_argument("--run-dir", default=None, help="checkpoint/metrics directory (resumable)")
-        else:
+        elif name == "train-teacher":
             t.add_argument("--retrain", action="store_true", help="ignore a cached teacher")
+        else:
+            t.add_argument("--json", action="store_true", help="print the diagnosis as JSON instead of a table")
         t.set_defaults(fn=fn)
-
-    dg = sub.add_parser("diagnose", help="before training: checks, short probes of the bound's terms and the "
-                                         "predicted gain of ucmkd over ce, with a verdict")
-    dg.add_argument("--config", default=None, help="YAML file with RunConfig fields")
-    dg.add_argument("--json", action="store_true", help="print the diagnosis as JSON instead of a table")
-    dg.add_argument("--no-progress", action="store_true")
-    dg.add_argument("overrides", nargs="*", help="key=value overrides, as for ucmkd train")
-    dg.set_defaults(fn=_cmd_diagnose)
 
     pl = sub.add_parser("plot", help="student and teacher validation features in one 2-D embedding, next to ce's")
     pl.add_argument("run_dir", help="a finished run directory")
