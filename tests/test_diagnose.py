@@ -65,6 +65,12 @@ def test_gain_model_round_trips_and_the_shipped_one_loads(tmp_path):
     assert all(s >= 100 for s in shipped.info["fit_seeds"])       # validation seeds only
     with pytest.raises(DataError, match="missing"):
         GainModel.load(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"bad\.json: unreadable gain model"):
+        GainModel.load(tmp_path / "bad.json")
+    (tmp_path / "field.json").write_text('{"features": ["headroom"], "nonsense": 1}')
+    with pytest.raises(DataError, match=r"field\.json: unreadable gain model"):
+        GainModel.load(tmp_path / "field.json")
 
 
 def test_ridge_classifier_against_numpy():
