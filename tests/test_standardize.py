@@ -104,6 +104,24 @@ def test_global_mode_is_the_former_formula_bit_for_bit(tmp_path):
     assert d.meta["norm_mean"] == float(tr.mean())
 
 
+def test_global_statistics_do_not_depend_on_the_thread_count():
+    """The same data gives the same standardised values, fingerprint and keys on 1 or 4 threads
+    (a float32 reduction split over threads rounds differently; this one runs on one)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 1, 40, generator=g) * 3.7 + 1.3
+    train = torch.arange(0, 16000)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            got.append(stdz.global_in_memory(x, train).values())
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1]
+    assert torch.get_num_threads() == threads
+
+
 def test_none_keeps_raw_inputs_and_copies_them(tmp_path):
     y, _, x = two_views()
     d = load_modality(save(tmp_path / "s.npz", x * 1000, y), DataConfig(cache_dir=str(tmp_path), standardize="none"))

@@ -207,9 +207,17 @@ def fit(x, train: np.ndarray, mode: str, input_shape: tuple, check_finite: bool 
 
 def global_in_memory(x: torch.Tensor, train: torch.Tensor) -> Standardizer:
     """``global`` statistics of an in-memory float32 tensor as ucmkd has always computed them
-    (torch's float32 mean and unbiased std over ``x[train]``, std floored at 1e-8)."""
+    (torch's float32 mean and unbiased std over ``x[train]``, std floored at 1e-8), reduced on
+    one thread: a float32 reduction split over several threads rounds differently, and the
+    standardised data (hence its content fingerprint, the cached teacher and every run key)
+    would depend on the machine's thread count. One thread is what every grid worker uses."""
     tr = x[train]
-    return Standardizer("global", tr.mean(), tr.std().clamp_min(1e-8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Standardizer("global", tr.mean(), tr.std().clamp_min(1e-8))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def normalisation_entry(data) -> Optional[dict]:
