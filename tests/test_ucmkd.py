@@ -18,7 +18,7 @@ from ucmkd.errors import ConfigError, DataError
 from ucmkd.losses.ot import sinkhorn_cost, cost_matrix
 from ucmkd.losses.prototypes import ClassPrototypes
 from ucmkd.losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
-from ucmkd.methods.ucmkd import ShadowGate
+from ucmkd.methods.ucmkd import UCMKD, ShadowGate
 from ucmkd.methods import METHODS, build_distiller
 from ucmkd.methods.base import DistillOutput, Distiller
 
@@ -377,19 +377,31 @@ def test_shadow_retires_only_after_a_clear_lead_in_consecutive_epochs():
     assert list(d2.candidates()) == ["student"]
 
 
-def test_a_retired_shadow_stays_retired_across_resume(tmp_path):
+def test_a_retired_shadow_stays_retired_across_resume(tmp_path, monkeypatch):
     """End to end on digits: the shadow retires mid-run (the trainer then validates the student
-    only), and a run interrupted right after retirement resumes to the uninterrupted result."""
+    only), and a run interrupted right after retirement resumes to the uninterrupted result.
+
+    The retirement is forced, not left to the trajectory (which side of ``retire_z`` a short run
+    lands on depends on the CPU's BLAS path): the gate is shown a shadow that validates at 0, so
+    the student leads by more than ``retire_z`` standard errors at the first epoch past
+    ``retire_after`` (progress 3/6 = 0.5 >= 0.4: epoch 4 of 6). The gate's arithmetic itself is
+    pinned by ``test_the_gate_falls_back_only_beyond_noise``."""
     from ucmkd import RunConfig
     from ucmkd.api import prepare, run
 
+    real = UCMKD.end_epoch
+
+    def shadow_at_zero(self, x_val, y_val, row):
+        return real(self, x_val, y_val, {**row, "fallback_val_acc": 0.0} if "fallback_val_acc" in row else row)
+
+    monkeypatch.setattr(UCMKD, "end_epoch", shadow_at_zero)
     cfg = RunConfig()
     cfg.method.name, cfg.optim.epochs, cfg.teacher.epochs = "ucmkd", 6, 3
-    cfg.method.params = {"n_iter": 20, "retire_after": 0.0, "retire_z": 1.0, "retire_epochs": 1}
+    cfg.method.params = {"n_iter": 20, "retire_after": 0.4, "retire_z": 1.0, "retire_epochs": 1}
     full = run(cfg, run_dir=tmp_path / "full")
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     retired = [r["epoch"] for r in rows if r.get("shadow_active") == 0.0]
-    assert len(retired) == 1 and retired[0] < cfg.optim.epochs, "the shadow should retire once, mid-run"
+    assert retired == [4], "the shadow should retire once, at the first epoch past retire_after"
     assert all("fallback_val_acc" not in r for r in rows if r["epoch"] > retired[0])
     assert full["selected"] == "student"
     ctx = prepare(cfg)
