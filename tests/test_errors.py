@@ -345,6 +345,23 @@ def test_label_budget_larger_than_a_class(tmp_path):
         run(cfg)
 
 
+def test_class_names_from_a_numpy_array_print_as_plain_strings(tmp_path):
+    """A user's RawModality whose classes come from a NumPy string array (e.g. scikit-learn's
+    ``target_names``): messages show 'malignant', not np.str_('malignant')."""
+    from ucmkd.data import PairingSampler
+    from ucmkd.data.base import RawModality, finalize
+    from ucmkd.config import PairingConfig
+
+    rng = np.random.default_rng(0)
+    raw = RawModality(x=rng.normal(size=(60, 5)).astype(np.float32), y=np.repeat([0, 1], 30),
+                      classes=np.array(["benign", "malignant"]), kind="vector")
+    data = finalize(raw, "user/cancer", DataConfig(cache_dir=str(tmp_path)))
+    assert all(type(c) is str for c in data.classes)
+    with pytest.raises(ConfigError) as ei:
+        PairingSampler(data, None, PairingConfig(label_budget=1000), 8, 2)
+    assert "class 'benign' in 'user/cancer'" in str(ei.value) and "np.str_" not in str(ei.value)
+
+
 def test_teacher_test_acc_is_measured_when_no_info_is_given(tmp_path):
     from ucmkd.api import load_pair
     from ucmkd.engine import evaluate, get_teacher

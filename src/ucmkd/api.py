@@ -29,10 +29,11 @@ from .config import DataConfig, RunConfig, check_ranges, config_hash, save_confi
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
 from .data.pairing import loader_options, validate_pairing
 from .data.standardize import NORMALISATION_FILE, normalisation_entry
-from .engine import Trainer, distributed, evaluate, get_teacher, seed_everything
+from .engine import Trainer, apply_threads, distributed, evaluate, get_teacher, seed_everything
 from .errors import ConfigError, DataError
 from .methods import METHODS
 from .models import Classifier, build_classifier
+from .provenance import versions
 
 RUN_KEY_FILE = "key.json"
 #: RunConfig fields that never change a result, left out of every key
@@ -192,6 +193,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
     check_device(cfg.device)
+    apply_threads(cfg.threads)
     if cfg.logging.tensorboard:
         from .engine.tb_logger import require_tensorboard
 
@@ -311,8 +313,6 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
     (each candidate's best-validation epoch, val and test accuracy); ``distiller`` (holding the
     returned student; not in result.json).
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     ctx = prepare(cfg, student, teacher_data, teacher, teacher_info, student_model, progress=progress)
     return run_context(ctx, run_dir, progress=progress, resume=resume)
 
@@ -390,7 +390,7 @@ def _result(ctx: RunContext, fit, run_dir: Optional[Path], t0: float) -> dict:
         "seconds": time.time() - t0, "world_size": ctx.world_size, "sampler": ctx.sampler.summary(),
         **{f"diag_{k}": v for k, v in diag.items()},
         "params": asdict(ctx.params), "run_dir": str(run_dir) if run_dir else None, "key": ctx.key,
-        "fingerprints": ctx.fingerprints,
+        "fingerprints": ctx.fingerprints, "versions": versions(), "runtime": fit.runtime,
     }
 
 

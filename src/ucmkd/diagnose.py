@@ -238,12 +238,11 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
     from .api import check_data, load_pair
     from .data import PairingSampler, check_compatible
     from .diagnostics import alignment_diagnostics
-    from .engine import evaluate, get_teacher
+    from .engine import apply_threads, evaluate, get_teacher
     from .engine.teacher import teacher_dir
 
     t0 = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     if predict and model is None:
         model = GainModel.load()                 # a missing coefficients file fails before any work
     if student is None or teacher_data is None:

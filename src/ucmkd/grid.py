@@ -17,7 +17,6 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig, deep_merge, from_dict, nest, to_dict
 from .errors import ConfigError, DataError, UcmkdError
+from .provenance import code_version
 
 VARIANT_KEYS = {"method", "params", "overrides"}
 
@@ -155,22 +155,6 @@ def _compatible(old, new, default) -> bool:
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
         return list(old) == list(new)
     return old == new
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """``ucmkd <version>`` plus the git commit (and ``-dirty``) when run from a checkout."""
-    from . import __version__
-
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here)], cwd=here, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", ""
-    return f"ucmkd {__version__}" + (f" ({commit}{'-dirty' if dirty else ''})" if commit else "")
 
 
 # --------------------------------------------------------------------------- execution

@@ -246,6 +246,9 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     (``cfg.standardize``, :mod:`ucmkd.data.standardize`); in memory, or read lazily from a
     memory-mapped file (``cfg.storage``, :func:`reads_lazily`)."""
     where = raw.source or name
+    # class names as plain values (a NumPy string array's items print as np.str_('a') in messages;
+    # equal as str, so fingerprints and keys are unchanged)
+    raw = dataclasses.replace(raw, classes=[str(c) if isinstance(c, str) else c for c in raw.classes])
     mode = resolve_mode(cfg.standardize, raw.kind)
     lazy = reads_lazily(raw.x, cfg)
     owned = not lazy and isinstance(raw.x, np.memmap)

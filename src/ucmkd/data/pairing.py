@@ -353,9 +353,15 @@ class PairingSampler:
         ui = None if plan.ui is None else (plan.ui if shift_s else plan.ui[mine])
         return BatchPlan(plan.si if shift_s else plan.si[mine], ti, ui)
 
-    def _read(self, plans: list) -> Iterator[tuple]:
+    @property
+    def reader_workers(self) -> int:
+        """DataLoader processes that read the batches: ``workers`` when a modality is lazy, else 0
+        (in-memory batches are sliced by the training process)."""
         lazy = self.student.lazy or (self.teacher is not None and self.teacher.lazy)
-        if self.workers == 0 or not lazy:
+        return self.workers if lazy else 0
+
+    def _read(self, plans: list) -> Iterator[tuple]:
+        if self.reader_workers == 0:
             reader = BatchReader(self.student, self.teacher)
             return (reader[p] for p in plans)
         if self._loader is None:          # started on first use, its workers kept for every epoch

@@ -21,7 +21,7 @@ from ..data.base import ModalityData, cache_dir
 from ..data.pairing import PairingSampler, loader_options
 from ..errors import DataError
 from ..models import Classifier, build_classifier
-from .checkpoint import load_checkpoint, seed_everything
+from .checkpoint import apply_threads, load_checkpoint, seed_everything
 from .trainer import Trainer, evaluate
 
 TEACHER_KEY_VERSION = 2    # 2: the dataset's content fingerprint
@@ -72,6 +72,7 @@ def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
 
     info: ``{"val_acc", "test_acc", "best_epoch", "seconds", "path", "key"}``.
     """
+    apply_threads(cfg.threads)
     tdir = teacher_dir(cfg, data)
     path = tdir / "teacher.pt"
 

@@ -140,6 +140,7 @@ class FitResult:
     history: list = field(default_factory=list)
     selected: str = "student"   # the candidate the distiller chose (``select_candidate``)
     candidates: dict = field(default_factory=dict)   # name -> best {epoch, val_acc, val_loss, test_acc}
+    runtime: dict = field(default_factory=dict)      # what the run ran with, read inside it (:meth:`Trainer.runtime`)
 
 
 def _clone(state: dict) -> dict:
@@ -255,6 +256,7 @@ class Trainer:
         """Train up to ``optim.epochs`` (resuming from ``latest.pt`` if present); ``stop_after``
         stops after that many epochs in total (to simulate an interruption)."""
         t0 = time.time()
+        runtime = self.runtime()
         self.maybe_resume()
         if self.logger is not None:
             self.logger.start(self.step_count, self.distiller)
@@ -311,7 +313,19 @@ class Trainer:
                          last_val_acc=last["val_acc"], epochs=self.epoch,
                          last_test_acc=float("nan") if last["test_acc"] is None else last["test_acc"],
                          seconds=time.time() - t0, history=list(self.history), selected=selected,
-                         candidates=records)
+                         candidates=records, runtime=runtime)
+
+    def runtime(self) -> dict:
+        """The settings this process trains with, read from the objects in use (not from the
+        config): torch's intra-op ``threads``, the student's ``device``, the autocast
+        ``precision``, the ``data_workers`` reading batches (0: this process reads them), the
+        ``world_size`` and the ``logger`` (e.g. ``TensorBoardLogger``; None)."""
+        param = next(self.distiller.student.parameters(), None)
+        return {"threads": torch.get_num_threads(),
+                "device": str(param.device) if param is not None else str(self.device),
+                "precision": self.strategy.precision.name, "data_workers": getattr(self.sampler, "reader_workers", 0),
+                "world_size": 1 if self.dist is None else self.dist.world_size,
+                "logger": None if self.logger is None else type(self.logger).__name__}
 
     def _validate(self, model, best: dict) -> tuple[dict, bool]:
         """Validate ``model`` after the current epoch: ({epoch, val_acc, val_loss, test_acc},
