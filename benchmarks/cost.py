@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--sections", default="methods,batch,pool,ot")
     ap.add_argument("--ot-sizes", default="64,256,1024,4096")
+    ap.add_argument("--device", default="cpu", help="the runs' device (cuda: benchmarks/gpu_check.py)")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
     methods = args.methods.split(",")
@@ -85,10 +86,11 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    base = ["data.teacher=digits/image", "data.student=digits/signal", f"optim.epochs={args.epochs}"]
+    base = ["data.teacher=digits/image", "data.student=digits/signal", f"optim.epochs={args.epochs}",
+            f"device={args.device}"]
     out = [f"# ucmkd cost benchmark ({time.strftime('%Y-%m-%d')}, `python benchmarks/cost.py "
            f"{' '.join(argv if argv is not None else sys.argv[1:])}`)", "",
-           f"digits image -> signal, {args.epochs} epochs, 1 thread, fit seconds from result.json, "
+           f"digits image -> signal, {args.epochs} epochs, device {args.device}, 1 thread, fit seconds from result.json, "
            f"median of {args.repeats} interleaved repeats.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
             from ot_solvers import ot_table  # noqa: E402
 
             out += ["## OT loss, forward + backward (d = 64, cosine, eps 0.1, 100 iterations)", "",
-                    ot_table([int(s) for s in args.ot_sizes.split(",")]), ""]
+                    ot_table([int(s) for s in args.ot_sizes.split(",")], device=args.device), ""]
     print("\n".join(out))
     return 0
 

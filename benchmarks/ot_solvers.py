@@ -66,7 +66,7 @@ def make_features(n: int, dim: int, features: str, g: torch.Generator, clusters:
 
 
 def _uniform(n, like):
-    return torch.full((n,), 1.0 / n, dtype=like.dtype)
+    return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
 
 
 def make_step(name: str, zs: torch.Tensor, zt: torch.Tensor, eps: float, n_iter: int):
@@ -104,6 +104,11 @@ def make_step(name: str, zs: torch.Tensor, zt: torch.Tensor, eps: float, n_iter:
         return run()
 
     return step
+
+
+def _device_name(device: str) -> str:
+    d = torch.device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else "cpu"
 
 
 def skip_reason(name: str, B: int, n_iter: int) -> str | None:
@@ -163,9 +168,12 @@ def _args(**kw) -> argparse.Namespace:
 
 def ot_table(batch_sizes=(64, 256, 1024, 4096), dim: int = 64, eps: float = 0.1, n_iter: int = 100,
              features: str = "clustered", repeats: int = 3, threads: int = 1, seed: int = 0,
-             variants=tuple(VARIANTS), memory: bool = True) -> str:
+             variants=tuple(VARIANTS), memory: bool = True, device: str = "cpu") -> str:
     """Markdown table of forward + backward time (median of ``repeats``, variants interleaved)
-    and peak extra memory per (B, variant), with <P, C> relative to ``ot.sinkhorn2``."""
+    and peak extra memory per (B, variant), with <P, C> relative to ``ot.sinkhorn2``. On a CUDA
+    ``device`` the features live there (every step ends in a host read of its value, so the
+    timings include the kernels) and the memory column, which measures host RSS, is left out."""
+    memory = memory and torch.device(device).type == "cpu"
     args = _args(dim=dim, eps=eps, n_iter=n_iter, features=features, threads=threads, seed=seed)
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
@@ -175,7 +183,7 @@ def ot_table(batch_sizes=(64, 256, 1024, 4096), dim: int = 64, eps: float = 0.1,
         f"d={dim}, M=B, cosine cost, eps={eps}, n_iter={n_iter}, float32, {threads} thread(s); time: median of "
         f"{repeats} interleaved repeats (random order each) after one warm-up; memory: fresh subprocess per "
         f"cell, peak RSS of one forward+backward (after a warm-up) minus the RSS before it. "
-        f"torch {torch.__version__}, POT {ot.__version__}.",
+        f"torch {torch.__version__}, POT {ot.__version__}, device {_device_name(device)}.",
         "",
         "| B | variant | POT iterations | fwd+bwd ms | ratio to POT autodiff | peak extra MB | "
         "<P, C> rel. diff to ot.sinkhorn2 |",
@@ -183,8 +191,8 @@ def ot_table(batch_sizes=(64, 256, 1024, 4096), dim: int = 64, eps: float = 0.1,
     ]
     for B in batch_sizes:
         g = torch.Generator().manual_seed(seed + B)
-        zs = make_features(B, dim, features, g).requires_grad_()
-        zt = make_features(B, dim, features, g)
+        zs = make_features(B, dim, features, g).to(device).requires_grad_()
+        zt = make_features(B, dim, features, g).to(device)
         C = cost_matrix(zs.detach(), zt)
         a = _uniform(B, C)
         ref = float(ot.sinkhorn2(a, a, C, reg=eps, numItermax=n_iter))

@@ -9,6 +9,7 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end run of a second or more (the fast tests alone: "
                                        "pytest -m 'not slow')")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped elsewhere (benchmarks/gpu_check.py runs them)")
 
 
 @pytest.fixture(autouse=True)
