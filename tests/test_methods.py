@@ -9,6 +9,7 @@ import references as ref
 from ucmkd.losses.kd import kd_kl
 from ucmkd.losses.label_alignment import label_alignment
 from ucmkd.methods import METHODS, build_distiller
+from ucmkd.models import build_classifier
 
 from helpers import check_contract, tiny
 
@@ -32,6 +33,8 @@ def test_method_contract(name, student_feat):
     if "n_iter" in {f.name for f in dataclasses.fields(cls.Params)}:
         params["n_iter"] = 10
     d = build_distiller(name, student, teacher if cls.uses_teacher else None, params)
+    if cls.uses_other_modality:          # as ucmkd.api.prepare does: an untrained teacher-modality model
+        d.attach_other_modality(build_classifier((1, 8, 8), "image", 3, width=4, feat_dim=student_feat))
     d.progress = 0.5                     # past every warm-up, so every loss term is live
     check_contract(d, batch)
 

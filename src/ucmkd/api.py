@@ -47,6 +47,16 @@ def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
                             backbone_args=m.student_backbone_args)
 
 
+def build_other_modality(cfg: RunConfig, data: ModalityData, feat_dim: int) -> Classifier:
+    """An untrained classifier for the teacher modality ``data`` (the teacher backbone settings)
+    with features of ``feat_dim`` (the student's, so a student head fits them), for methods that
+    train on both modalities without a teacher (``uses_other_modality``)."""
+    m = cfg.model
+    return build_classifier(data.input_shape, data.kind, data.num_classes, m.teacher_backbone,
+                            m.teacher_width, feat_dim, name=f"other[{data.name}]",
+                            backbone_args=m.teacher_backbone_args)
+
+
 def load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
     """(student, teacher) modalities of ``cfg.data``, checked to share one label space."""
     student, teacher = _load_pair(cfg)
@@ -204,7 +214,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
         raise ConfigError(f"method {cfg.method.name!r} needs pairing.mode: paired, got {cfg.pairing.mode!r}")
     with distributed.rank_zero_first(dp):           # rank 0 builds any data cache first
-        if student is None or (teacher_data is None and method_cls.uses_teacher):
+        if student is None or (teacher_data is None and method_cls.draws_teacher_modality()):
             s, t = _load_pair(cfg)
             student = student if student is not None else s
             teacher_data = teacher_data if teacher_data is not None else t
@@ -223,7 +233,9 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         """Student model (checked), distiller and pairing sampler (this rank's shards) around ``teacher``."""
         check_model(model, student, "student")
         distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
-        sampler = PairingSampler(student, teacher_data if method_cls.uses_teacher else None, cfg.pairing,
+        if method_cls.uses_other_modality:
+            distiller.attach_other_modality(build_other_modality(cfg, teacher_data, model.feat_dim))
+        sampler = PairingSampler(student, teacher_data if method_cls.draws_teacher_modality() else None, cfg.pairing,
                                  cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
                                  unlabelled=distiller.uses_unlabelled,
                                  require_unlabelled=distiller.requires_unlabelled,

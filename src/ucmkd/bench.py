@@ -21,7 +21,8 @@ from .errors import ConfigError
 from .methods import METHODS
 from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
 from .cache import write_text
-from .report import ci_excludes_zero, headline_report, plot, summarise, write_csv
+from .report import (_fmt_delta, _named, ci_excludes_zero, fmt_ci, headline_report, plot, share_summary, summarise,
+                     teacher_field, write_csv)
 
 
 def builtin_suites() -> list[str]:
@@ -84,12 +85,43 @@ def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None) -> tuple
 
 
 # --------------------------------------------------------------------------- reporting
+def resolve_method(suite: SuiteConfig, label: str):
+    """(method class, parsed params) of a suite label: a variant's method, else the method itself."""
+    var = suite.variants.get(label)
+    name, params = (var["method"], var.get("params")) if var is not None else (label, suite.method_params.get(label))
+    cls = METHODS.get(name)
+    return cls, cls.parse_params(params or {})
+
+
+def teacher_split(suite: SuiteConfig, methods: list[str]) -> tuple[list[str], list[str]]:
+    """(distillers, teacher-free methods) among ``methods``, from the method registry
+    (:meth:`~ucmkd.methods.Distiller.teacher_free` of each label's method and params; a variant
+    resolves to its method). Teacher-free: every one but the baseline (ablations of the headline
+    method included: ``ucmkd-no-teacher`` is one). Distillers: the others, except the headline
+    method, its ablations (``ablation_prefix``, ``ungated``) and oracles that need true pairs."""
+    h = suite.headline
+    distillers, free = [], []
+    for m in methods:
+        if m == suite.baseline:
+            continue
+        cls, params = resolve_method(suite, m)
+        ablation = m == h.ungated or bool(h.ablation_prefix) and m.startswith(h.ablation_prefix)
+        if cls.teacher_free(params):
+            free.append(m)
+        elif m != h.method and not ablation and not cls.needs_pairs:
+            distillers.append(m)
+    return distillers, free
+
+
 def _fmt_p(p: float) -> str:
     return "-" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else "<0.001")
 
 
-def setting_tables(rows: list[dict], settings: dict[str, SettingConfig], methods: list[str], baseline: str) -> str:
-    """One Markdown table per setting (suite order)."""
+def setting_tables(rows: list[dict], settings: dict[str, SettingConfig], methods: list[str], baseline: str,
+                   field: dict | None = None, headline: str | None = None, baselines=()) -> str:
+    """One Markdown table per setting (suite order). With ``field`` (:func:`ucmkd.report.teacher_field`)
+    each table is followed by the setting's best baseline (among ``baselines``), best distiller,
+    best teacher-free method and the teacher's share of ``headline``."""
     order = {m: i for i, m in enumerate(methods)}
     out = []
     for name, st in settings.items():
@@ -106,12 +138,31 @@ def setting_tables(rows: list[dict], settings: dict[str, SettingConfig], methods
                 delta, p = "-", "-"
             else:
                 mark = " *" if ci_excludes_zero(r) else ""
-                delta = f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}"
+                delta = f"{fmt_ci(r)}{mark}"
                 p = _fmt_p(r["wilcoxon_p"])
             out.append(f"| {r['method']} | {r['acc_mean']:.1f} +- {r['acc_std']:.1f} | {delta} | {p} | "
                        f"{r['seconds']:.1f} | {r['n']} |")
+        if field is not None:
+            f = field[name]
+            keyed = {(x["setting"], x["method"]): x for x in rs}
+            cands = [keyed[(name, m)] for m in baselines if (name, m) in keyed and not math.isnan(keyed[(name, m)]["delta_mean"])]
+            best = max(cands, key=lambda x: x["delta_mean"]) if cands else None
+            parts = [f"best baseline: {_named(best)}", f"best distiller: {_named(f['distiller'])}"]
+            if f["free"] is None:
+                parts.append(f"best teacher-free: none ran besides {baseline}")
+            else:
+                parts.append(f"best teacher-free: {_named(f['free'])}")
+                if headline:
+                    parts.append(f"teacher's share ({headline} - {f['free']['method']}): {_fmt_delta(f['share'])}")
+            out.append("\n" + "; ".join(parts) + ".")
         out.append("")
-    out.append("`*`: the 95 % CI of the paired delta (Student t over seeds) excludes zero.")
+    out.append("`*`: the 95 % CI of the paired delta (Student t over seeds) excludes zero; [CI n/a]: one seed.")
+    if field is not None:
+        out.append(f"Best distiller / teacher-free: the highest mean delta vs {baseline} among the methods that use a "
+                   f"teacher / that use none (from the method registry); the teacher's share is the headline method "
+                   f"minus that teacher-free method, paired by seed [95 % CI].")
+        if headline:
+            out.append(share_summary(field, headline))
     return "\n".join(out)
 
 
@@ -157,17 +208,21 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
     methods = list(dict.fromkeys(suite.methods + [m for s in settings.values() for m in s.extra_methods]))
     excluded = [f"{m} in {name}" for name, st in settings.items() for m in st.exclude_methods if m in methods]
     rows = summarise(results, baseline=suite.baseline, by=("setting",))
-    tables = setting_tables(rows, settings, methods, suite.baseline)
+    h = suite.headline
+    headline = h.method if h.method in methods else None
+    # baselines: every other method of the suite (oracles and ablations are variants)
+    others = [m for m in methods if m not in (suite.baseline, h.method, *h.compare) and m not in suite.variants]
+    distillers, free = teacher_split(suite, methods)
+    field = teacher_field(results, {(r["setting"], r["method"]): r for r in rows}, list(settings), distillers, free,
+                          headline)
+    tables = setting_tables(rows, settings, methods, suite.baseline, field, headline, others)
     if excluded:
         tables += "\nNot run (the method cannot apply to the setting's backbones): " + ", ".join(excluded) + "."
     write_text(out / "tables.md", tables + "\n")
-    h = suite.headline
-    if h.method in methods and suite.baseline in methods:
-        # baselines: every other method of the suite (oracles and ablations are variants)
-        others = [m for m in methods if m not in (suite.baseline, h.method, *h.compare) and m not in suite.variants]
+    if headline and suite.baseline in methods:
         write_text(out / f"{safe_name(h.method)}.md", headline_report(
             results, list(settings), others, suite.baseline, h.method, tuple(h.compare), h.control,
-            h.ablation_prefix, h.ungated) + "\n")
+            h.ablation_prefix, h.ungated, distillers, free) + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]

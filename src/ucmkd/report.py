@@ -149,6 +149,14 @@ def with_ungated(results: list[dict], method: str, label: str) -> list[dict]:
     return results + extra
 
 
+def fmt_ci(r: dict) -> str:
+    """``mean [low, high]`` of a summary row's paired delta (pp); ``mean [CI n/a]`` when the
+    interval is undefined (one paired seed)."""
+    if math.isnan(r["ci_low"]):
+        return f"{r['delta_mean']:+.1f} [CI n/a]"
+    return f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+
+
 def _fmt_delta(r: dict | None, spread: bool = False) -> str:
     """``mean [CI]`` of a summary row's paired delta, `` *`` when the CI excludes 0; ``spread``
     adds the seed-to-seed standard deviation of the per-seed deltas (``sd``)."""
@@ -156,7 +164,55 @@ def _fmt_delta(r: dict | None, spread: bool = False) -> str:
         return "-"
     mark = " *" if ci_excludes_zero(r) else ""
     sd = f" sd {r['delta_std']:.1f}" if spread and r["n"] > 1 else ""
-    return f"{r['delta_mean']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]{mark}{sd}"
+    return f"{fmt_ci(r)}{mark}{sd}"
+
+
+def _named(r: dict | None, spread: bool = False) -> str:
+    """``method mean [CI]`` of a summary row, ``-`` when None."""
+    return "-" if r is None else f"{r['method']} {_fmt_delta(r, spread)}"
+
+
+def best_of(rows: dict, setting: str, labels) -> dict | None:
+    """The summary row (``rows[(setting, label)]``) with the largest mean delta vs the baseline
+    among ``labels`` that ran in ``setting`` with a defined delta; None if none did."""
+    cands = [rows[(setting, m)] for m in labels
+             if (setting, m) in rows and not math.isnan(rows[(setting, m)]["delta_mean"])]
+    return max(cands, key=lambda r: r["delta_mean"]) if cands else None
+
+
+def paired_vs(results: list[dict], setting: str, method: str, reference: str) -> dict | None:
+    """Summary row of ``method`` minus ``reference`` in ``setting``, paired by seed (the same
+    statistics as the deltas vs the baseline: :func:`summarise` with ``reference`` as baseline)."""
+    sub = [r for r in results if r["setting"] == setting and r["method"] in (method, reference)]
+    row = next((r for r in summarise(sub, baseline=reference, by=("setting",)) if r["method"] == method), None)
+    return None if row is None or math.isnan(row["delta_mean"]) else row
+
+
+def teacher_field(results: list[dict], rows: dict, settings: list[str], distillers, teacher_free,
+                  method: str | None = None) -> dict:
+    """Per setting: the best distiller (``distillers``, by mean delta vs the baseline), the best
+    teacher-free method (``teacher_free``, likewise; a choice over finished runs, for reporting)
+    and the teacher's share: ``method`` minus that teacher-free method, paired by seed.
+    ``rows``: summary rows vs the baseline keyed by (setting, method).
+    Returns {setting: {"distiller": row, "free": row, "share": row}} (None where absent)."""
+    out = {}
+    for s in settings:
+        free = best_of(rows, s, teacher_free)
+        share = paired_vs(results, s, method, free["method"]) if free and method and (s, method) in rows else None
+        out[s] = {"distiller": best_of(rows, s, distillers), "free": free, "share": share}
+    return out
+
+
+def share_summary(field: dict, method: str) -> str:
+    """One sentence: the mean teacher's share over the settings that have one, and in how many
+    of them its 95 % CI is above 0."""
+    shares = [f["share"] for f in field.values() if f["share"] is not None]
+    if not shares:
+        return f"Teacher's share of `{method}`: not measured (no setting ran a teacher-free method besides the baseline)."
+    above = sum(not math.isnan(r["ci_low"]) and r["ci_low"] > 0 for r in shares)
+    return (f"Teacher's share (`{method}` minus the setting's best teacher-free method, paired by seed): "
+            f"mean {np.mean([r['delta_mean'] for r in shares]):+.2f} pp over {len(shares)} settings; "
+            f"95 % CI above 0 in {above} of {len(shares)}.")
 
 
 def ci_excludes_zero(r: dict) -> bool:
@@ -166,14 +222,18 @@ def ci_excludes_zero(r: dict) -> bool:
 
 def headline_report(results: list[dict], settings: list[str], baselines: list[str], baseline: str,
                     method: str, compare: tuple = (), control: str | None = None,
-                    ablation_prefix: str | None = None, ungated: str | None = None) -> str:
+                    ablation_prefix: str | None = None, ungated: str | None = None,
+                    distillers=None, teacher_free=None) -> str:
     """Markdown: (1) headline, per setting: ``baseline`` accuracy, then the paired delta
     [95 % t-CI] of ``method``, of the ``compare`` methods, of the teacher-free ``control`` and of
     the best of ``baselines`` (by mean delta), and how often a candidate other than the student
     was chosen; (2) the mean delta over settings of every method (the suite's mean delta); (3)
     the ablation table: for each variant ``<ablation_prefix><ingredient>`` (and ``ungated``, the
     runs' "student" candidates), its delta vs ``method`` paired by seed (negative = the
-    ingredient helps)."""
+    ingredient helps). With ``distillers`` and ``teacher_free`` (method labels; the caller
+    decides which need a teacher), the headline also shows per setting the best distiller, the
+    best teacher-free method (both by mean delta vs ``baseline``) and the teacher's share
+    (``method`` minus that teacher-free method, paired by seed), summarised over settings."""
     if ungated:
         results = with_ungated(results, method, ungated)
     rows = {(r["setting"], r["method"]): r for r in summarise(results, baseline=baseline, by=("setting",))}
@@ -185,9 +245,16 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
             chosen_names |= ({picked} | set(r.get("candidates") or {})) - {"student"}
     chosen = " / ".join(sorted(chosen_names)) or "other candidate"
     cols = list(compare) + ([f"{control} (no teacher)"] if control else [])
+    field = (teacher_field(results, rows, settings, distillers, teacher_free, method)
+             if distillers is not None and teacher_free is not None else None)
+    has_free = field is not None and any(f["free"] is not None for f in field.values())
+    tail = []
+    if field is not None:
+        tail = ["best distiller"] + (["best teacher-free", f"teacher's share ({method} - best teacher-free)"]
+                                     if has_free else [])
     out = [f"| setting | teacher % | {baseline} % | **{method}** | " + " | ".join(cols)
-           + f" | best baseline | {chosen} chosen |",
-           "|---|---|---|---|" + "---|" * len(cols) + "---|---|"]
+           + " | best baseline | " + "".join(f"{c} | " for c in tail) + f"{chosen} chosen |",
+           "|---|---|---|---|" + "---|" * len(cols) + "---|" * (1 + len(tail)) + "---|"]
     for s in settings:
         b = rows.get((s, baseline))
         if b is None or (s, method) not in rows:
@@ -201,9 +268,18 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
         out.append(f"| {s} | {rows[(s, method)]['teacher_acc']:.1f} | {b['acc_mean']:.1f} +- {b['acc_std']:.1f} | "
                    f"**{_fmt_delta(rows[(s, method)], spread=True)}** | "
                    + " | ".join(_fmt_delta(rows.get((s, m))) for m in list(compare) + ([control] if control else []))
-                   + f" | {best_txt} | {sum(fb)}/{len(fb)} |")
+                   + f" | {best_txt} | "
+                   + "".join(f"{c} | " for c in _field_cells(field, s, has_free)) + f"{sum(fb)}/{len(fb)} |")
     out += ["", "Deltas: pp vs " + baseline + ", mean over seeds paired by seed, [95 % Student-t CI]; "
-            "`*`: the CI excludes 0; sd: the standard deviation of the per-seed deltas (seed-to-seed spread).", ""]
+            "`*`: the CI excludes 0; sd: the standard deviation of the per-seed deltas (seed-to-seed spread)."]
+    if field is not None:
+        out.append(f"Best distiller / best teacher-free: the method with the highest mean delta vs {baseline} in "
+                   "the setting among those that use a teacher (other than "
+                   f"`{method}` and its ablations) / that use none (other than {baseline}); the teacher's share "
+                   f"is `{method}` minus that teacher-free method, paired by seed, [95 % CI].")
+        if not has_free:
+            out.append(f"No teacher-free method other than {baseline} ran: the teacher's share is not measured.")
+    out.append("")
     # suite mean delta of every method that ran in every listed setting
     def is_ablation(m: str) -> bool:
         return m == ungated or bool(ablation_prefix) and m.startswith(ablation_prefix)
@@ -222,6 +298,8 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
     for mean, m, worst, n, wins in sorted(means, reverse=True):
         only = "" if n == n_all else f" ({n} of {n_all} settings)"
         out.append(f"| {m} | {mean:+.2f}{only} | {worst:+.1f} | {wins} |")
+    if field is not None and has_free:
+        out += ["", share_summary(field, method)]
     # ablations: paired by seed against the full method
     abl = sorted({m for (_, m) in rows if is_ablation(m)})
     if abl:
@@ -240,3 +318,12 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
             mean_row.append(f"{np.mean(ds):+.2f} ({len(ds)} settings)" if ds else "-")
         out.append("| mean | | " + " | ".join(mean_row) + " |")
     return "\n".join(out)
+
+
+def _field_cells(field: dict | None, setting: str, has_free: bool) -> list[str]:
+    """The headline's teacher-field cells of ``setting``: best distiller, then (with ``has_free``)
+    best teacher-free and the teacher's share."""
+    if field is None:
+        return []
+    f = field[setting]
+    return [_named(f["distiller"])] + ([_named(f["free"]), _fmt_delta(f["share"])] if has_free else [])

@@ -60,6 +60,9 @@ class Distiller(nn.Module):
     Class attributes a method sets:
         Params: dataclass of its hyperparameters (validated from ``method.params``).
         uses_teacher: needs a teacher batch and a trained teacher.
+        uses_other_modality: needs the labelled teacher-modality batch (``batch.xt``, ``batch.yt``)
+            but no teacher model; :func:`~ucmkd.api.prepare` then hands it an untrained model
+            of that modality (:meth:`attach_other_modality`). Implied by ``uses_teacher``.
         uses_unlabelled: consumes ``batch.xu`` (unlabelled student items).
         requires_unlabelled: with ``uses_unlabelled``, an empty unlabelled pool is an error
             (False: the method then trains without ``xu``).
@@ -72,6 +75,7 @@ class Distiller(nn.Module):
     name = "base"
     Params: type = NoParams
     uses_teacher = True
+    uses_other_modality = False
     uses_unlabelled = False
     requires_unlabelled = True
     needs_pairs = False
@@ -97,6 +101,23 @@ class Distiller(nn.Module):
     @classmethod
     def parse_params(cls, params: dict):
         return from_dict(cls.Params, params or {}, "method.params")
+
+    @classmethod
+    def draws_teacher_modality(cls) -> bool:
+        """Whether the sampler must draw teacher-modality batches (``xt``, ``yt``) for it."""
+        return bool(cls.uses_teacher or cls.uses_other_modality)
+
+    @classmethod
+    def teacher_free(cls, params) -> bool:
+        """Whether a run with ``params`` (a parsed :attr:`Params`) learns nothing from a teacher
+        model: ``not uses_teacher``; a method whose teacher terms can all be switched off says
+        so for those params (reports use it to name the teacher-free field)."""
+        return not cls.uses_teacher
+
+    def attach_other_modality(self, model: Classifier) -> None:
+        """Called by :func:`~ucmkd.api.prepare` (before the optimiser is built) when
+        ``uses_other_modality``: an untrained classifier for the teacher modality (the library's
+        builder, the teacher backbone settings, the student's feature dim). Default: unused."""
 
     # -- helpers shared by methods ------------------------------------------------------
     def project(self, z: torch.Tensor) -> torch.Tensor:

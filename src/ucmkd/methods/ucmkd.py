@@ -82,6 +82,12 @@ class UCMKD(Distiller):
         retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
 
+    @classmethod
+    def teacher_free(cls, params) -> bool:
+        """True when every teacher term is off (KD, teacher head, OT, the teacher vote): what
+        remains uses only the teacher modality's labels (the class prior), never the teacher."""
+        return params.w_kd == 0 and params.w_la == 0 and params.w_fa == 0 and not params.teacher_vote
+
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
         p = self.params
