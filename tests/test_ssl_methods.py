@@ -190,8 +190,12 @@ def test_params_are_validated_naming_the_field():
 
 
 def test_a_method_without_a_policy_says_so():
-    student = build_classifier((1, 12), "signal", 3, width=4, feat_dim=8)
-    d = build_distiller("fixmatch", student, None)
+    from ucmkd.models import Classifier
+
+    built = build_classifier((1, 12), "signal", 3, width=4, feat_dim=8)
+    assert build_distiller("fixmatch", built, None).input_kind == "signal"    # the builder's kind
+    own = Classifier(built.encoder, 8, 3, (1, 12))                            # a user's model: no kind
+    d = build_distiller("fixmatch", own, None)
     _, batch = _tiny("fixmatch")
     with pytest.raises(ConfigError, match="set_augmentation"):
         d(batch)

@@ -105,6 +105,8 @@ class Distiller(nn.Module):
         self.input_kind: Optional[str] = None       # see set_augmentation
         self.augment_policy = None
         self.labelled_level = self.labelled_augment
+        if getattr(student, "input_kind", None) is not None:   # built by build_classifier: its kind
+            self.set_augmentation(student.input_kind)           # (prepare sets the data's declared one)
         if self.projects_features and teacher is not None and student.feat_dim != teacher.feat_dim:
             self.extra["projector"] = make_projector(student.feat_dim, teacher.feat_dim)
 
