@@ -99,3 +99,17 @@ def test_spoken_digits_declare_spectrogram():
     from ucmkd.data import spoken
 
     assert 'augment="spectrogram"' in inspect.getsource(spoken.spoken_digits_audio)
+
+
+def test_an_npz_file_declares_its_augmentation_kind(tmp_path):
+    import numpy as np
+
+    from ucmkd.data import load_modality
+
+    f = tmp_path / "spec.npz"
+    rng = np.random.default_rng(0)
+    np.savez(f, x=rng.random((60, 1, 6, 5)).astype(np.float32), y=np.arange(60) % 3, augment="spectrogram")
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    assert load_modality(f"npz:{f}", cfg).augment_kind == "spectrogram"
+    np.savez(f, x=rng.random((60, 1, 6, 5)).astype(np.float32), y=np.arange(60) % 3)
+    assert load_modality(f"npz:{f}", cfg).augment_kind == "image"
