@@ -277,3 +277,24 @@ def test_end_to_end_on_digits(method, student):
     assert 0.0 <= res["test_acc"] <= 1.0 and math.isfinite(res["val_acc"])
     hist = res["distiller"]
     assert hist.input_kind == student
+
+
+def test_ranks_shard_an_unlabelled_batch_of_mu_b_items():
+    from ucmkd.data import PairingSampler
+
+    ctx = prepare(small_cfg("fixmatch", unlabelled_ratio=1.5))
+    cfg = small_cfg("fixmatch", unlabelled_ratio=1.5)
+
+    def sampler(rank, world):
+        return PairingSampler(ctx.student_data, None, cfg.pairing, 16, 3, seed=0, unlabelled=True,
+                              rank=rank, world_size=world)
+
+    whole = list(sampler(0, 1).epoch(0))
+    shards = [list(sampler(r, 2).epoch(0)) for r in range(2)]
+    for step, b in enumerate(whole):
+        assert len(b.xu) == 24
+        assert torch.equal(torch.cat([shards[0][step].xu, shards[1][step].xu]), b.xu)
+        assert shards[0][step].seed != shards[1][step].seed        # each rank draws its own augmentations
+    with pytest.raises(ConfigError, match="unlabelled_ratio"):
+        PairingSampler(ctx.student_data, None, small_cfg("fixmatch", unlabelled_ratio=1.0 + 1 / 16).pairing, 16, 3,
+                       unlabelled=True, rank=0, world_size=2)
