@@ -38,6 +38,9 @@ from .provenance import versions
 RUN_KEY_FILE = "key.json"
 #: RunConfig fields that never change a result, left out of every key
 UNKEYED = ("device", "threads", "logging")
+#: fields added after runs were published, left out of keys while at these defaults (which
+#: reproduce the earlier behaviour), so the keys of earlier runs stay valid
+LATER_DEFAULTS = {("pairing", "unlabelled_ratio"): 1.0, ("augment",): {"labelled": "none", "policy": None}}
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
@@ -77,6 +80,12 @@ def key_config(cfg: RunConfig) -> dict:
         d.pop(k, None)
     for k in DataConfig.IO_FIELDS:
         d["data"].pop(k, None)
+    for path, default in LATER_DEFAULTS.items():
+        node = d
+        for part in path[:-1]:
+            node = node[part]
+        if node.get(path[-1]) == default:
+            node.pop(path[-1])
     return d
 
 
@@ -235,6 +244,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         distiller = method_cls(model, teacher if method_cls.uses_teacher else None, params)
         if method_cls.uses_other_modality:
             distiller.attach_other_modality(build_other_modality(cfg, teacher_data, model.feat_dim))
+        distiller.set_augmentation(student.augment_kind, cfg.augment.labelled, cfg.augment.policy)
         sampler = PairingSampler(student, teacher_data if method_cls.draws_teacher_modality() else None, cfg.pairing,
                                  cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
                                  unlabelled=distiller.uses_unlabelled,
@@ -273,6 +283,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
              "teacher_data": teacher_data.fingerprint if teacher_data is not None else None,
              "student_model": model_signature(model),
              "teacher": state_digest(teacher.state_dict()) if teacher is not None and train_teacher else None}
+    if distiller.augments:     # the policy it augments with (absent from runs without augmentation)
+        parts["augment"] = {"policy": distiller.augment_policy.name, "labelled": distiller.labelled_level}
     parts = json.loads(json.dumps(parts, default=str))   # as key.json stores it (tuples -> lists)
     return RunContext(cfg=cfg, method=method_cls, params=params, student_data=student, teacher_data=teacher_data,
                       teacher=teacher, teacher_info=teacher_info or {}, model=model, distiller=distiller,

@@ -158,6 +158,7 @@ class PairingConfig:
     imbalance_side: str = "teacher"       # teacher | student
     shift_level: float = ranged(0.0, 0.0, 1.0)              # domain-shift corruption level (0 = none)
     shift_side: str = "student"           # teacher | student | both
+    unlabelled_ratio: float = ranged(1.0, 0.0, lo_open=True)   # mu: unlabelled items per labelled item in a batch (FixMatch's 7; B_u = round(mu B))
 
 
 @dataclass
@@ -210,6 +211,16 @@ class MethodConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Augmentation (:mod:`ucmkd.augment`) shared by every method."""
+
+    labelled: str = "none"            # none | weak | strong: applied to every method's labelled student items (a method may ask for more, e.g. ce-aug: weak)
+    policy: Optional[str] = None      # a registered policy name; None: the student modality's augmentation kind
+
+    CHOICES: ClassVar[dict] = {"labelled": ("none", "weak", "strong")}
+
+
+@dataclass
 class LoggingConfig:
     """Where training is logged besides ``metrics.jsonl``/``metrics.csv`` (always written). Not
     part of a run's key: logging never changes a result."""
@@ -229,6 +240,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = ranged(0, 0)
     device: str = "cpu"
     threads: Optional[int] = ranged(None, 1)

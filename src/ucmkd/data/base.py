@@ -39,6 +39,8 @@ class RawModality:
     fingerprint: optional JSON-able dict of what determines the items besides the arrays'
         content (generation recipe, files and options). It joins the content hash in
         :attr:`ModalityData.fingerprint`, which keys cached teachers and runs.
+    augment: the augmentation kind (a policy of :data:`ucmkd.augment.AUGMENTATIONS`, e.g.
+        ``spectrogram`` for spectrograms stored as ``image``); None: the layout ``kind``.
     """
 
     x: np.ndarray
@@ -50,6 +52,7 @@ class RawModality:
     split: Optional[np.ndarray] = None
     groups: Optional[np.ndarray] = None
     fingerprint: dict = field(default_factory=dict)
+    augment: Optional[str] = None
 
 
 @dataclass
@@ -70,6 +73,9 @@ class ModalityData:
         pair_id: int64 [N] or None.
         fingerprint: what identifies the content (:func:`data_fingerprint`; computed on first
             use, so an in-place edit of ``x`` after that is not seen).
+        augment: the augmentation kind the dataset declares (None: ``kind``); read it as
+            :attr:`augment_kind`. Not part of the fingerprint (it never changes the items); runs
+            that augment put it in their key.
     """
 
     name: str
@@ -81,6 +87,7 @@ class ModalityData:
     pair_id: Optional[torch.Tensor] = None
     source: str = ""
     meta: dict = field(default_factory=dict)
+    augment: Optional[str] = None
     _fingerprint: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -88,6 +95,12 @@ class ModalityData:
         if self._fingerprint is None:
             self._fingerprint = data_fingerprint(self)
         return self._fingerprint
+
+    @property
+    def augment_kind(self) -> str:
+        """The input kind augmentation policies are chosen by: ``augment`` if declared, else
+        ``kind`` (image, signal, spectrogram, vector or a registered plugin policy)."""
+        return self.augment or self.kind
 
     @property
     def num_classes(self) -> int:
@@ -215,6 +228,8 @@ def validate_raw(raw: RawModality, name: str, check_values: bool = True) -> None
     if raw.x.ndim != want_ndim:
         raise DataError(f"{where}: {raw.kind} inputs must have shape "
                         f"{['[N, D]', '[N, C, L]', '[N, C, H, W]'][want_ndim - 2]}, got {list(raw.x.shape)}")
+    if raw.augment is not None and not isinstance(raw.augment, str):
+        raise DataError(f"{where}: augment must be the name of an augmentation policy, got {raw.augment!r}")
     if raw.y.ndim != 1 or len(raw.y) != len(raw.x):
         raise DataError(f"{where}: labels must have shape [N]={[len(raw.x)]}, got {list(raw.y.shape)}")
     if len(raw.classes) < 2:
@@ -274,7 +289,7 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     pid = None if raw.pair_id is None else torch.tensor(raw.pair_id, dtype=torch.long)
     return ModalityData(name=name, kind=raw.kind, x=x, y=torch.tensor(raw.y, dtype=torch.long),
                         classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,
-                        meta={**_norm_meta(st), "fingerprint": dict(raw.fingerprint)})
+                        meta={**_norm_meta(st), "fingerprint": dict(raw.fingerprint)}, augment=raw.augment)
 
 
 def _norm_meta(st: Standardizer) -> dict:

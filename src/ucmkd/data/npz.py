@@ -1,5 +1,6 @@
 """Bring-your-own data: a ``.npz`` file with arrays ``x`` [N, ...], ``y`` [N] and optionally
-``classes`` [K] (strings), ``pair_id`` [N] and ``kind`` (``vector``/``signal``/``image``).
+``classes`` [K] (strings), ``pair_id`` [N], ``kind`` (``vector``/``signal``/``image``) and
+``augment`` (an augmentation kind, e.g. ``spectrogram``; :mod:`ucmkd.augment`).
 
 ``x`` of a file written by ``numpy.savez`` (uncompressed) is memory-mapped, so that a file
 larger than memory can be read lazily (``data.storage``, docs/data.md); a compressed
@@ -40,5 +41,7 @@ def load_npz(path: str) -> RawModality:
     classes = [str(c) for c in z["classes"]] if "classes" in z.files else [str(i) for i in range(int(y.max()) + 1)]
     kind = str(z["kind"]) if "kind" in z.files else _DEFAULT_KIND.get(x.ndim, "vector")
     pair_id = z["pair_id"].astype(np.int64) if "pair_id" in z.files else None
+    augment = str(z["augment"]) if "augment" in z.files else None
     # no file fingerprint: the arrays' content identifies the data (a touched file is the same data)
-    return RawModality(x=x, y=y.astype(np.int64), classes=classes, kind=kind, pair_id=pair_id, source=str(p))
+    return RawModality(x=x, y=y.astype(np.int64), classes=classes, kind=kind, pair_id=pair_id, source=str(p),
+                       augment=augment)

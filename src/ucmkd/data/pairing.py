@@ -51,7 +51,9 @@ class Batch:
     """One training batch. xs [B, *S], ys [B]; xt [B', *T] or None; yt [B'] or None; xu [B_u, *S]
     or None; it [B'] int64 or None: the teacher items' indices in the teacher modality, set when
     ``xt`` holds those items unchanged (no augmentation or shift), so that their frozen-teacher
-    outputs can be served from a table (:class:`ucmkd.engine.teacher_outputs.TeacherOutputs`)."""
+    outputs can be served from a table (:class:`ucmkd.engine.teacher_outputs.TeacherOutputs`).
+    seed: this batch's augmentation seed (from the run seed, epoch, step and rank; None: drawn
+    from the global torch RNG), see :func:`ucmkd.augment.batch_generator`."""
 
     xs: torch.Tensor
     ys: torch.Tensor
@@ -59,12 +61,13 @@ class Batch:
     yt: Optional[torch.Tensor] = None
     xu: Optional[torch.Tensor] = None
     it: Optional[torch.Tensor] = None
+    seed: Optional[int] = None
 
     def to(self, device) -> "Batch":
         def mv(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(mv(self.xs), mv(self.ys), mv(self.xt), mv(self.yt), mv(self.xu), mv(self.it))
+        return Batch(mv(self.xs), mv(self.ys), mv(self.xt), mv(self.yt), mv(self.xu), mv(self.it), self.seed)
 
 
 @dataclass
@@ -210,6 +213,7 @@ class PairingSampler:
             raise DataError(f"the method uses unlabelled student data but the student pool of "
                             f"{student.name!r} has none (pairing.label_budget={cfg.label_budget})")
         self.batch_size = int(min(batch_size, len(labelled)))
+        self.unlabelled_size = max(1, int(round(cfg.unlabelled_ratio * self.batch_size)))    # B_u = mu B
         self.steps_per_epoch = steps_per_epoch or math.ceil(len(labelled) / self.batch_size)
         if not 0 <= rank < world_size:
             raise ConfigError(f"pairing sampler: rank {rank} outside a world of {world_size} processes")
@@ -218,6 +222,10 @@ class PairingSampler:
                      if self.batch_size < batch_size else "")
             raise ConfigError(f"optim.batch_size: the global batch of {self.batch_size}{clamp} cannot be split "
                               f"into {world_size} equal shards, one per process; give a multiple of {world_size}")
+        if unlabelled and self.unlabelled_size % world_size:
+            raise ConfigError(f"pairing.unlabelled_ratio: the unlabelled batch of {self.unlabelled_size} items "
+                              f"cannot be split into {world_size} equal shards; choose a ratio giving a multiple "
+                              f"of {world_size}")
         self.rank, self.world_size = rank, world_size
 
     # ------------------------------------------------------------------ pool construction
@@ -296,7 +304,9 @@ class PairingSampler:
     def summary(self) -> dict:
         return {"labelled": int(len(self.labelled)), "unlabelled": int(len(self.unlabelled_pool)),
                 "teacher_pool": None if self.teacher_pool is None else int(len(self.teacher_pool)),
-                "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch}
+                "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                **({"unlabelled_batch": self.unlabelled_size}
+                   if self.want_unlabelled and self.cfg.unlabelled_ratio != 1.0 else {})}
 
     def plans(self, epoch: int) -> tuple[list[BatchPlan], torch.Generator]:
         """The item indices of every (global) batch of ``epoch`` (drawn first, from the epoch's
@@ -314,8 +324,8 @@ class PairingSampler:
             if self.teacher is not None:
                 ti = self._teacher_indices(si, self.student.y[si].numpy(), rng)
             if self.want_unlabelled:
-                ui = rng.choice(self.unlabelled_pool, size=self.batch_size,
-                                replace=len(self.unlabelled_pool) < self.batch_size)
+                ui = rng.choice(self.unlabelled_pool, size=self.unlabelled_size,
+                                replace=len(self.unlabelled_pool) < self.unlabelled_size)
             out.append(BatchPlan(si, ti, ui))
         return out, gen
 
@@ -329,11 +339,13 @@ class PairingSampler:
         shift_t = cfg.shift_level > 0 and cfg.shift_side in ("teacher", "both")
         b = self.batch_size // self.world_size
         mine = slice(self.rank * b, (self.rank + 1) * b)
-        reads = [self._shard(p, mine, shift_s, shift_t) for p in plans]
-        for plan, (xs, ys, xt, yt, xu) in zip(plans, self._read(reads)):
+        bu = self.unlabelled_size // self.world_size
+        mine_u = slice(self.rank * bu, (self.rank + 1) * bu)
+        reads = [self._shard(p, mine, mine_u, shift_s, shift_t) for p in plans]
+        for step, (plan, (xs, ys, xt, yt, xu)) in enumerate(zip(plans, self._read(reads))):
             if shift_s:     # read whole: the noise is the whole batch's
                 xs, ys = corrupt(xs, s.kind, cfg.shift_level, gen)[mine], ys[mine]
-            batch = Batch(xs, ys)
+            batch = Batch(xs, ys, seed=self.augment_seed(epoch, step))
             if t is not None:
                 batch.xt, batch.yt = xt, yt
                 if shift_t:
@@ -341,16 +353,23 @@ class PairingSampler:
                 else:
                     batch.it = torch.as_tensor(plan.ti[mine], dtype=torch.long)
             if xu is not None:
-                batch.xu = corrupt(xu, s.kind, cfg.shift_level, gen)[mine] if shift_s else xu
+                batch.xu = corrupt(xu, s.kind, cfg.shift_level, gen)[mine_u] if shift_s else xu
             yield batch
 
-    def _shard(self, plan: BatchPlan, mine: slice, shift_s: bool, shift_t: bool) -> BatchPlan:
-        """The items of a global plan this rank reads: its rows ``mine``, or a shifted side's
-        whole batch."""
+    def augment_seed(self, epoch: int, step: int) -> int:
+        """The augmentation seed of (``epoch``, ``step``) on this rank: a function of the run seed
+        alone, drawn from no generator, so the batches' items are those of a run without
+        augmentation and a resumed run repeats its augmentations."""
+        ss = np.random.SeedSequence([int(self.seed), int(epoch), int(step), int(self.rank), 7919])
+        return int(ss.generate_state(1, np.uint64)[0] >> 1)
+
+    def _shard(self, plan: BatchPlan, mine: slice, mine_u: slice, shift_s: bool, shift_t: bool) -> BatchPlan:
+        """The items of a global plan this rank reads: its rows ``mine`` (``mine_u`` of the
+        unlabelled items), or a shifted side's whole batch."""
         if self.world_size == 1:
             return plan
         ti = None if plan.ti is None else (plan.ti if shift_t else plan.ti[mine])
-        ui = None if plan.ui is None else (plan.ui if shift_s else plan.ui[mine])
+        ui = None if plan.ui is None else (plan.ui if shift_s else plan.ui[mine_u])
         return BatchPlan(plan.si if shift_s else plan.si[mine], ti, ui)
 
     @property

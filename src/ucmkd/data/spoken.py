@@ -635,7 +635,8 @@ def load_spoken_digits(cfg: SpokenDigitsConfig, cache: Path, engine: ESpeakNG | 
 @register_dataset("spoken-digits/audio")
 def spoken_digits_audio(cfg: DataConfig) -> RawModality:
     """Spoken digits (eSpeak NG, offline): log-mel x [N, 1, n_mels, T]; groups = speaker
-    (``voice+variant``), so test speakers are never seen in training."""
+    (``voice+variant``), so test speakers are never seen in training. Stored as ``image``,
+    augmented as ``spectrogram`` (SpecAugment-style masks, :mod:`ucmkd.augment`)."""
     d = load_spoken_digits(cfg.spoken, cache_dir(cfg))
     return RawModality(x=d.x, y=d.y, classes=DIGIT_CLASSES, kind="image", source=str(d.spec_path),
-                       groups=d.speaker, fingerprint={"spoken": asdict(cfg.spoken)})
+                       groups=d.speaker, fingerprint={"spoken": asdict(cfg.spoken)}, augment="spectrogram")

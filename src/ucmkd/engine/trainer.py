@@ -271,7 +271,7 @@ class Trainer:
                 lr = self._set_lr()
                 try:
                     with distributed.active(self.dist):
-                        logs = self.strategy.step(batch.to(self.device))
+                        logs = self.strategy.step(self.distiller.augment_labelled(batch.to(self.device)))
                 except NumericalError as e:
                     where = f"epoch {ep}, step {step}"
                     keep = (f"; the last good state is {self.run_dir / 'latest.pt'} (epoch {self.epoch})"

@@ -70,6 +70,15 @@ class Distiller(nn.Module):
         projects_features: compares student features with teacher features, so a learned
             projector ``extra["projector"]`` (d_s -> d_t) is added when the dims differ.
         strategy: ``"standard"`` or ``"bilevel"`` (:data:`ucmkd.engine.strategies.STRATEGIES`).
+        labelled_augment: ``"none"``, ``"weak"`` or ``"strong"``: the augmentation of the labelled
+            items the method asks for (``ce-aug``, ``fixmatch``: weak); the trainer applies the
+            stronger of it and ``augment.labelled`` (:meth:`augment_labelled`).
+        uses_augmentation: the method augments items itself (:meth:`augment`), so its runs need
+            an augmentation policy.
+
+    Set where the run is assembled (:meth:`set_augmentation`): ``input_kind``, the student
+    modality's augmentation kind (image, signal, spectrogram, vector, or a plugin's), and
+    ``augment_policy`` (:class:`ucmkd.augment.Policy`).
     """
 
     name = "base"
@@ -81,6 +90,8 @@ class Distiller(nn.Module):
     needs_pairs = False
     projects_features = False
     strategy = "standard"
+    labelled_augment = "none"
+    uses_augmentation = False
 
     def __init__(self, student: Classifier, teacher: Optional[Classifier] = None, params=None):
         super().__init__()
@@ -95,6 +106,11 @@ class Distiller(nn.Module):
         self.progress = 0.0   # fraction of training done, in [0, 1); set by the trainer each epoch
         self.extra = nn.ModuleDict()
         self.teacher_outputs = None   # see use_teacher_outputs
+        self.input_kind: Optional[str] = None       # see set_augmentation
+        self.augment_policy = None
+        self.labelled_level = self.labelled_augment
+        if getattr(student, "input_kind", None) is not None:   # built by build_classifier: its kind
+            self.set_augmentation(student.input_kind)           # (prepare sets the data's declared one)
         if self.projects_features and teacher is not None and student.feat_dim != teacher.feat_dim:
             self.extra["projector"] = make_projector(student.feat_dim, teacher.feat_dim)
 
@@ -118,6 +134,53 @@ class Distiller(nn.Module):
         """Called by :func:`~ucmkd.api.prepare` (before the optimiser is built) when
         ``uses_other_modality``: an untrained classifier for the teacher modality (the library's
         builder, the teacher backbone settings, the student's feature dim). Default: unused."""
+
+    # -- augmentation -------------------------------------------------------------------
+    def set_augmentation(self, input_kind: str, labelled: str = "none", policy=None) -> None:
+        """The student's augmentation kind ``input_kind``, the run's labelled-item level ``labelled``
+        (``augment.labelled``; the method's own ``labelled_augment`` wins when stronger) and the
+        policy: a :class:`ucmkd.augment.Policy`, a registered name (``augment.policy``) or None
+        (the one registered under ``input_kind``). A run that augments nothing needs no policy."""
+        from ..augment import LEVELS, Policy, resolve_policy
+
+        if labelled not in LEVELS:
+            raise ConfigError(f"augment.labelled: unknown value {labelled!r}; choose one of {', '.join(LEVELS)}")
+        self.input_kind = input_kind
+        self.labelled_level = max(labelled, self.labelled_augment, key=LEVELS.index)
+        if isinstance(policy, Policy):
+            self.augment_policy = policy
+        elif self.augments or policy is not None:
+            self.augment_policy = resolve_policy(input_kind, policy)
+
+    @property
+    def augments(self) -> bool:
+        """Whether this run augments anything (labelled items or the method's own views)."""
+        return self.uses_augmentation or self.labelled_level != "none"
+
+    def augment_generator(self, batch: Batch, stream: int, device=None) -> torch.Generator:
+        """A generator for ``stream`` (0: the labelled items; a method's own from 1) of ``batch``,
+        on ``device`` (default: ``batch.xs``'s): seeded from ``batch.seed``, else from the global
+        torch RNG (saved in checkpoints, so either way a resumed run repeats it)."""
+        from ..augment import batch_generator
+
+        seed = batch.seed if batch.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        return batch_generator(seed, stream, batch.xs.device if device is None else device)
+
+    def augment(self, x: torch.Tensor, level: str, gen: torch.Generator) -> torch.Tensor:
+        """``x`` [B, ...] under the policy's ``level`` (none | weak | strong), no gradient."""
+        if self.augment_policy is None:
+            raise ConfigError(f"method {self.name!r} augments its inputs but has no augmentation policy; "
+                              f"call set_augmentation(input_kind) (ucmkd.prepare does)")
+        with torch.no_grad():
+            return self.augment_policy.apply(level, x, gen)
+
+    def augment_labelled(self, batch: Batch) -> Batch:
+        """``batch`` with its labelled items ``xs`` augmented at ``labelled_level`` (the one place
+        every method's labelled items are augmented; the trainer calls it before each step)."""
+        if self.labelled_level == "none":
+            return batch
+        xs = self.augment(batch.xs, self.labelled_level, self.augment_generator(batch, 0))
+        return dataclasses.replace(batch, xs=xs)
 
     # -- helpers shared by methods ------------------------------------------------------
     def project(self, z: torch.Tensor) -> torch.Tensor:

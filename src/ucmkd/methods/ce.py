@@ -31,3 +31,11 @@ class CELabelSmoothing(CE):
     @dataclass
     class Params:
         label_smoothing: float = 0.1
+
+
+@register_method("ce-aug")
+class CEAugmented(CE):
+    """Cross-entropy on weakly augmented labelled items (:mod:`ucmkd.augment`; the trainer applies
+    it, :meth:`~ucmkd.methods.Distiller.augment_labelled`): the augmented supervised baseline."""
+
+    labelled_augment = "weak"

@@ -152,7 +152,9 @@ def build_classifier(input_shape: tuple, kind: str, num_classes: int, backbone: 
         enc = builder(tuple(input_shape), width=width, feat_dim=feat_dim, **(backbone_args or {}))
     except TypeError as e:
         raise ConfigError(f"{name}: bad arguments for backbone {backbone!r}: {e}") from None
-    return Classifier(enc, feat_dim, num_classes, input_shape, name=name)
+    model = Classifier(enc, feat_dim, num_classes, input_shape, name=name)
+    model.input_kind = kind      # the layout it was built for (a distiller's default augmentation kind)
+    return model
 
 
 def make_projector(in_dim: int, out_dim: int) -> nn.Module:
