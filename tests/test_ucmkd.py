@@ -132,6 +132,73 @@ def test_ucmkd_has_every_term_when_all_unlabelled_items_are_confident():
     assert out.metrics["pl_mask"] == 1.0
 
 
+def test_ucmkd_consistency_labels_the_weak_view_and_trains_the_strong_one(monkeypatch):
+    """consistency: the pseudo-labels are those of the weak view (no gradient), the pseudo-label
+    CE is on the strong view; both views come from the batch's seeded generator (stream 1)."""
+    teacher, student, batch = tiny(6)
+    d = build_distiller("ucmkd", student, teacher, {"n_iter": 10, "consistency": True, "labelled_aug": "weak"})
+    assert d.input_kind == "signal" and d.augment_policy is not None and d.labelled_level == "weak"
+    d.train()
+    d.progress = 0.5
+    d.extra["prior"].threshold.fill_(0.0)
+    seen = []
+    real = type(d.student).forward
+
+    def spy(self, x, return_features=False):
+        if self is d.student:
+            seen.append(x.detach().clone())
+        return real(self, x, return_features=return_features)
+
+    monkeypatch.setattr(type(d.student), "forward", spy)
+    batch.seed = 7
+    out = d(batch)
+    gen = d.augment_generator(batch, 1)
+    xw, xst = d.augment(batch.xu, "weak", gen), d.augment(batch.xu, "strong", gen)
+    assert len(seen) == 3 and torch.equal(seen[0], batch.xs)          # labelled, weak, strong
+    assert torch.equal(seen[1], xw) and torch.equal(seen[2], xst)
+    assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u", "ce_fallback"} <= set(out.losses)
+    # the pseudo-label CE equals the strong view's CE on the weak view's (voted, aligned) labels
+    monkeypatch.setattr(type(d.student), "forward", real)
+    d.eval()
+    out.losses["pl"].backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in d.student.parameters())
+
+
+def test_ucmkd_consistency_bad_params_are_named():
+    teacher, student, _ = tiny(6)
+    with pytest.raises(ConfigError, match="method.params.labelled_aug must be one of none, weak, strong"):
+        build_distiller("ucmkd", student, teacher, {"labelled_aug": "heavy"})
+    with pytest.raises(ConfigError, match="consistency needs u_forward: separate"):
+        build_distiller("ucmkd", student, teacher, {"consistency": True, "u_forward": "joint"})
+
+
+def test_ucmkd_with_consistency_resumes_bit_identically(tmp_path):
+    import ucmkd.engine.trainer as tr
+    from test_ssl_methods import small_cfg
+
+    from ucmkd.api import run
+    from ucmkd.engine import load_checkpoint
+
+    cfg = small_cfg("ucmkd", epochs=4, unlabelled_ratio=2.0)
+    cfg.method.params = {"n_iter": 10, "consistency": True, "labelled_aug": "weak"}
+    full = run(cfg, run_dir=tmp_path / "full")
+    orig = tr.Trainer.fit
+    tr.Trainer.fit = lambda self, stop_after=None: orig(self, stop_after=2)
+    try:
+        run(cfg, run_dir=tmp_path / "part")
+    finally:
+        tr.Trainer.fit = orig
+    (tmp_path / "part" / "result.json").unlink()
+    torch.manual_seed(999)
+    resumed = run(cfg, run_dir=tmp_path / "part")
+    a = load_checkpoint(tmp_path / "full" / "latest.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "latest.pt")["model"]
+    for part in ("student", "extra"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert resumed["test_acc"] == full["test_acc"] and resumed["candidates"] == full["candidates"]
+
+
 def test_ucmkd_class_targets_are_same_class_teacher_items():
     """Each KD target is the logits of a teacher item of the student's class (its values: see
     tests/test_loss_references.py)."""

@@ -22,6 +22,10 @@ items x_t with their labels y_t, never paired with the student's):
   weighted by the confident fraction. After every epoch tau is recalibrated on the labelled
   validation split: the lowest grid value whose confident predictions are >= ``precision``
   correct (none: the unlabelled terms pause).
+- with ``consistency``, the pseudo-labels come from a weak view of each unlabelled item and
+  train its strong view (the student modality's augmentation policy, :mod:`ucmkd.augment`), as
+  FixMatch does, but voted by the teacher head, prior-aligned and calibrated as above;
+  ``labelled_aug`` augments the labelled items (and so the CE shadow's).
 - a validation-gated fallback: a plain-CE shadow of the student, trained on the same
   labelled batches; the trainer keeps whichever validates better.
 All distillation and unlabelled weights ramp 0 -> 1 over ``warmup`` (a fraction of training).
@@ -81,6 +85,8 @@ class UCMKD(Distiller):
         retire_z: float = 3.0       # ... when the student leads it by > retire_z standard errors (val acc) ...
         retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
+        consistency: bool = False   # pseudo-labels from a weak view of each unlabelled item train its strong view (FixMatch-style)
+        labelled_aug: str = "none"  # augmentation of the labelled items (and the CE shadow's): none | weak | strong
 
     @classmethod
     def teacher_free(cls, params) -> bool:
@@ -117,6 +123,18 @@ class UCMKD(Distiller):
             self.add_fallback()
             self.extra["gate"] = ShadowGate()
         self.uses_unlabelled = p.unlabelled
+        from ..augment import LEVELS
+
+        if p.labelled_aug not in LEVELS:
+            raise ConfigError(f"method 'ucmkd': method.params.labelled_aug must be one of {', '.join(LEVELS)}, "
+                              f"got {p.labelled_aug!r}")
+        if p.consistency and p.u_forward == "joint":
+            raise ConfigError("method 'ucmkd': method.params.consistency needs u_forward: separate (the weak view "
+                              "is forwarded without gradient, the strong view with it)")
+        self.labelled_augment = p.labelled_aug
+        self.uses_augmentation = p.unlabelled and p.consistency
+        if self.input_kind is not None:      # built on a student that knows its kind: policy for the views
+            self.set_augmentation(self.input_kind)
 
     # ----------------------------------------------------------------- candidates
     def _shadow(self):
@@ -261,11 +279,19 @@ class UCMKD(Distiller):
         use_u = p.unlabelled and batch.xu is not None and not (p.precision > 0 and tau >= 1.0)
         if batch.xu is not None:
             self.student.check_input(batch.xu)   # a mis-shaped pool is named even while paused
+        zw = logits_w = None
         if use_u and p.u_forward == "joint":
             z, logits, zu, logits_u = split_forward(self.student, batch.xs, batch.xu)
         else:
             z, logits = self.student(batch.xs, return_features=True)
-            if use_u:
+            if use_u and p.consistency:
+                # a weak view labels (no gradient), the strong view of the same items learns
+                gen = self.augment_generator(batch, 1)
+                xw, xstrong = self.augment(batch.xu, "weak", gen), self.augment(batch.xu, "strong", gen)
+                with torch.no_grad():
+                    zw, logits_w = self.student(xw, return_features=True)
+                zu, logits_u = self.student(xstrong, return_features=True)
+            elif use_u:
                 zu, logits_u = self.student(batch.xu, return_features=True)
         w = ramp(self.progress, p.warmup)
         zp = self.project(z)
@@ -279,7 +305,11 @@ class UCMKD(Distiller):
         metrics = {}
         if use_u:
             zpu = self.project(zu)
-            probs = self._pseudo_probs(logits_u, zpu)
+            if logits_w is None:
+                probs = self._pseudo_probs(logits_u, zpu)
+            else:
+                with torch.no_grad():
+                    probs = self._pseudo_probs(logits_w, self.project(zw))
             yhat_all, mask_all = confident_targets(probs, min(tau, 1.0))      # global batch
             yhat, mask = distributed.local_rows(yhat_all), distributed.local_rows(mask_all)
             wu = w * p.w_u
