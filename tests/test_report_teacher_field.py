@@ -106,3 +106,15 @@ def test_one_seed_prints_no_nan(tmp_path):
 def test_headline_report_without_the_field_keeps_its_columns():
     md = headline_report(results(), ["s1"], ["dkd", "pseudo-label"], "ce", "ucmkd", ("ucmkd-joint",), "pseudo-label")
     assert "best distiller" not in md and "| best baseline |" in md
+
+
+def test_headline_shows_the_method_against_the_augmented_baseline_paired_by_seed():
+    acc = {**ACC, "ce-aug": [0.58, 0.66, 0.60]}          # ucmkd - ce-aug per seed: 2, 5, 5 pp
+    text = headline_report(results(acc), ["s1"], ["dkd"], "ce", "ucmkd", aug_baseline="ce-aug")
+    header, row = text.splitlines()[0], text.splitlines()[2]
+    assert "| ucmkd - ce-aug |" in header
+    d = np.array([2.0, 5.0, 5.0])
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    assert f"+{d.mean():.1f} [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}]" in row
+    # not run: no column
+    assert "ce-aug" not in headline_report(results(), ["s1"], ["dkd"], "ce", "ucmkd", aug_baseline="ce-aug")

@@ -222,7 +222,7 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
     if headline and suite.baseline in methods:
         write_text(out / f"{safe_name(h.method)}.md", headline_report(
             results, list(settings), others, suite.baseline, h.method, tuple(h.compare), h.control,
-            h.ablation_prefix, h.ungated, distillers, free) + "\n")
+            h.ablation_prefix, h.ungated, distillers, free, aug_baseline=h.aug_baseline) + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]

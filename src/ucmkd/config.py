@@ -303,6 +303,7 @@ class HeadlineConfig:
     control: Optional[str] = None    # a teacher-free control, in its own column
     ablation_prefix: Optional[str] = None   # variants named <prefix><ingredient> are its ablations
     ungated: Optional[str] = None    # label of the rows made of its runs' "student" candidate (no selection)
+    aug_baseline: Optional[str] = None   # the augmented supervised baseline (ce-aug): method minus it, paired by seed, in its own column
 
 
 @dataclass

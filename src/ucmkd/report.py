@@ -223,7 +223,7 @@ def ci_excludes_zero(r: dict) -> bool:
 def headline_report(results: list[dict], settings: list[str], baselines: list[str], baseline: str,
                     method: str, compare: tuple = (), control: str | None = None,
                     ablation_prefix: str | None = None, ungated: str | None = None,
-                    distillers=None, teacher_free=None) -> str:
+                    distillers=None, teacher_free=None, aug_baseline: str | None = None) -> str:
     """Markdown: (1) headline, per setting: ``baseline`` accuracy, then the paired delta
     [95 % t-CI] of ``method``, of the ``compare`` methods, of the teacher-free ``control`` and of
     the best of ``baselines`` (by mean delta), and how often a candidate other than the student
@@ -233,7 +233,9 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
     ingredient helps). With ``distillers`` and ``teacher_free`` (method labels; the caller
     decides which need a teacher), the headline also shows per setting the best distiller, the
     best teacher-free method (both by mean delta vs ``baseline``) and the teacher's share
-    (``method`` minus that teacher-free method, paired by seed), summarised over settings."""
+    (``method`` minus that teacher-free method, paired by seed), summarised over settings. With
+    ``aug_baseline`` (the augmented supervised baseline, e.g. ``ce-aug``), a column gives
+    ``method`` minus it, paired by seed, where it ran."""
     if ungated:
         results = with_ungated(results, method, ungated)
     rows = {(r["setting"], r["method"]): r for r in summarise(results, baseline=baseline, by=("setting",))}
@@ -244,7 +246,8 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
             sel.setdefault(r["setting"], []).append(picked != "student")
             chosen_names |= ({picked} | set(r.get("candidates") or {})) - {"student"}
     chosen = " / ".join(sorted(chosen_names)) or "other candidate"
-    cols = list(compare) + ([f"{control} (no teacher)"] if control else [])
+    aug = aug_baseline if aug_baseline and any(r["method"] == aug_baseline for r in results) else None
+    cols = ([f"{method} - {aug}"] if aug else []) + list(compare) + ([f"{control} (no teacher)"] if control else [])
     field = (teacher_field(results, rows, settings, distillers, teacher_free, method)
              if distillers is not None and teacher_free is not None else None)
     has_free = field is not None and any(f["free"] is not None for f in field.values())
@@ -267,7 +270,8 @@ def headline_report(results: list[dict], settings: list[str], baselines: list[st
         # earlier teacher of the same data: its result does not depend on it)
         out.append(f"| {s} | {rows[(s, method)]['teacher_acc']:.1f} | {b['acc_mean']:.1f} +- {b['acc_std']:.1f} | "
                    f"**{_fmt_delta(rows[(s, method)], spread=True)}** | "
-                   + " | ".join(_fmt_delta(rows.get((s, m))) for m in list(compare) + ([control] if control else []))
+                   + " | ".join(([_fmt_delta(paired_vs(results, s, method, aug))] if aug else [])
+                                + [_fmt_delta(rows.get((s, m))) for m in list(compare) + ([control] if control else [])])
                    + f" | {best_txt} | "
                    + "".join(f"{c} | " for c in _field_cells(field, s, has_free)) + f"{sum(fb)}/{len(fb)} |")
     out += ["", "Deltas: pp vs " + baseline + ", mean over seeds paired by seed, [95 % Student-t CI]; "
