@@ -86,7 +86,7 @@ class UCMKD(Distiller):
         retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
         consistency: bool = False   # pseudo-labels from a weak view of each unlabelled item train its strong view (FixMatch-style)
-        labelled_aug: str = "none"  # augmentation of the labelled items (and the CE shadow's): none | weak | strong
+        labelled_aug: str = "weak"  # augmentation of the labelled items (and the CE shadow's): none | weak | strong (weak chosen on validation seeds 100-102)
 
     @classmethod
     def teacher_free(cls, params) -> bool:
