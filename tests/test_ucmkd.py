@@ -137,7 +137,7 @@ def test_ucmkd_consistency_labels_the_weak_view_and_trains_the_strong_one(monkey
     CE is on the strong view; both views come from the batch's seeded generator (stream 1)."""
     teacher, student, batch = tiny(6)
     d = build_distiller("ucmkd", student, teacher, {"n_iter": 10, "consistency": True, "labelled_aug": "weak"})
-    assert d.input_kind == "signal" and d.augment_policy is not None and d.labelled_level == "weak"
+    assert d.input_kind == "signal" and d.augment_policy is not None and d.labelled_level == "none"
     d.train()
     d.progress = 0.5
     d.extra["prior"].threshold.fill_(0.0)
@@ -154,7 +154,8 @@ def test_ucmkd_consistency_labels_the_weak_view_and_trains_the_strong_one(monkey
     out = d(batch)
     gen = d.augment_generator(batch, 1)
     xw, xst = d.augment(batch.xu, "weak", gen), d.augment(batch.xu, "strong", gen)
-    assert len(seen) == 3 and torch.equal(seen[0], batch.xs)          # labelled, weak, strong
+    xl = d.augment(batch.xs, "weak", d.augment_generator(batch, 2))
+    assert len(seen) == 3 and torch.equal(seen[0], xl)                # labelled (weak), weak, strong
     assert torch.equal(seen[1], xw) and torch.equal(seen[2], xst)
     assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u", "ce_fallback"} <= set(out.losses)
     # the pseudo-label CE equals the strong view's CE on the weak view's (voted, aligned) labels

@@ -25,7 +25,9 @@ items x_t with their labels y_t, never paired with the student's):
 - with ``consistency``, the pseudo-labels come from a weak view of each unlabelled item and
   train its strong view (the student modality's augmentation policy, :mod:`ucmkd.augment`), as
   FixMatch does, but voted by the teacher head, prior-aligned and calibrated as above;
-  ``labelled_aug`` augments the labelled items (and so the CE shadow's).
+  ``labelled_aug`` augments the student's labelled items (stream 2 of the batch's generator);
+  the CE shadow trains on them as given (plain CE, unless ``augment.labelled`` augments every
+  method's), so the gate can fall back to plain CE where augmentation hurts.
 - a validation-gated fallback: a plain-CE shadow of the student, trained on the same
   labelled batches; the trainer keeps whichever validates better.
 All distillation and unlabelled weights ramp 0 -> 1 over ``warmup`` (a fraction of training).
@@ -86,7 +88,7 @@ class UCMKD(Distiller):
         retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
         consistency: bool = False   # pseudo-labels from a weak view of each unlabelled item train its strong view (FixMatch-style)
-        labelled_aug: str = "weak"  # augmentation of the labelled items (and the CE shadow's): none | weak | strong (weak chosen on validation seeds 100-102)
+        labelled_aug: str = "none"  # augmentation of the student's labelled items (not the CE shadow's): none | weak | strong (docs/method.md, "Augmentation")
 
     @classmethod
     def teacher_free(cls, params) -> bool:
@@ -131,8 +133,10 @@ class UCMKD(Distiller):
         if p.consistency and p.u_forward == "joint":
             raise ConfigError("method 'ucmkd': method.params.consistency needs u_forward: separate (the weak view "
                               "is forwarded without gradient, the strong view with it)")
-        self.labelled_augment = p.labelled_aug
-        self.uses_augmentation = p.unlabelled and p.consistency
+        # the student's labelled items are augmented here, not by the trainer, so that the CE
+        # shadow keeps training on them as given: the gate then falls back to plain CE where
+        # augmentation hurts (e.g. a user's MLP on images over a short schedule)
+        self.uses_augmentation = p.labelled_aug != "none" or (p.unlabelled and p.consistency)
         if self.input_kind is not None:      # built on a student that knows its kind: policy for the views
             self.set_augmentation(self.input_kind)
 
@@ -280,10 +284,12 @@ class UCMKD(Distiller):
         if batch.xu is not None:
             self.student.check_input(batch.xu)   # a mis-shaped pool is named even while paused
         zw = logits_w = None
+        xs = batch.xs if p.labelled_aug == "none" else self.augment(batch.xs, p.labelled_aug,
+                                                                      self.augment_generator(batch, 2))
         if use_u and p.u_forward == "joint":
-            z, logits, zu, logits_u = split_forward(self.student, batch.xs, batch.xu)
+            z, logits, zu, logits_u = split_forward(self.student, xs, batch.xu)
         else:
-            z, logits = self.student(batch.xs, return_features=True)
+            z, logits = self.student(xs, return_features=True)
             if use_u and p.consistency:
                 # a weak view labels (no gradient), the strong view of the same items learns
                 gen = self.augment_generator(batch, 1)
