@@ -21,6 +21,7 @@ from ucmkd.losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from ucmkd.methods.ucmkd import UCMKD, ShadowGate
 from ucmkd.methods import METHODS, build_distiller
 from ucmkd.methods.base import DistillOutput, Distiller
+from ucmkd.models import build_classifier
 
 from helpers import tiny
 
@@ -165,9 +166,34 @@ def test_ucmkd_consistency_labels_the_weak_view_and_trains_the_strong_one(monkey
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in d.student.parameters())
 
 
+def test_ucmkd_augments_labelled_items_of_convolutional_students_only():
+    """labelled_aug auto: weak for a student with a convolution (the built-in 1-D/2-D CNNs), none
+    for an MLP (a user's MLP on pixels is hurt by shifts); explicit values win."""
+    from ucmkd.methods.ucmkd import is_convolutional
+
+    teacher, cnn, _ = tiny(6)
+    mlp = build_classifier((12,), "vector", 3, width=4, feat_dim=6)
+    assert is_convolutional(cnn) and not is_convolutional(mlp)
+    assert build_distiller("ucmkd", cnn, teacher, {}).labelled_aug == "weak"
+    assert build_distiller("ucmkd", mlp, teacher, {}).labelled_aug == "none"
+    assert build_distiller("ucmkd", tiny(6)[1], teacher, {"labelled_aug": "none"}).labelled_aug == "none"
+    assert build_distiller("ucmkd", mlp, teacher, {"labelled_aug": "strong"}).labelled_aug == "strong"
+
+
+def test_the_ce_shadow_trains_on_the_labelled_items_as_given(monkeypatch):
+    teacher, student, batch = tiny(6)
+    d = build_distiller("ucmkd", student, teacher, {"n_iter": 10, "labelled_aug": "weak"})
+    d.train()
+    fb = d.fallback_model()
+    seen = []
+    monkeypatch.setattr(fb, "forward", lambda x, return_features=False: seen.append(x) or d.student.head.weight.new_zeros(len(x), 3))
+    d(batch)
+    assert len(seen) == 1 and torch.equal(seen[0], batch.xs)
+
+
 def test_ucmkd_consistency_bad_params_are_named():
     teacher, student, _ = tiny(6)
-    with pytest.raises(ConfigError, match="method.params.labelled_aug must be one of none, weak, strong"):
+    with pytest.raises(ConfigError, match="method.params.labelled_aug must be one of auto, none, weak, strong"):
         build_distiller("ucmkd", student, teacher, {"labelled_aug": "heavy"})
     with pytest.raises(ConfigError, match="consistency needs u_forward: separate"):
         build_distiller("ucmkd", student, teacher, {"consistency": True, "u_forward": "joint"})

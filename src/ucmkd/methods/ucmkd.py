@@ -25,7 +25,8 @@ items x_t with their labels y_t, never paired with the student's):
 - with ``consistency``, the pseudo-labels come from a weak view of each unlabelled item and
   train its strong view (the student modality's augmentation policy, :mod:`ucmkd.augment`), as
   FixMatch does, but voted by the teacher head, prior-aligned and calibrated as above;
-  ``labelled_aug`` augments the student's labelled items (stream 2 of the batch's generator);
+  ``labelled_aug`` augments the student's labelled items (stream 2 of the batch's generator;
+  ``auto``, the default: the weak policy for a convolutional student, none for an MLP);
   the CE shadow trains on them as given (plain CE, unless ``augment.labelled`` augments every
   method's), so the gate can fall back to plain CE where augmentation hurts.
 - a validation-gated fallback: a plain-CE shadow of the student, trained on the same
@@ -50,6 +51,13 @@ from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
 from .fa_only import OTParams, make_fa
 from .pseudo_label import SemiParams, check_semi, split_forward
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` holds a convolution (1-, 2- or 3-D): an encoder built to be equivariant
+    to the shifts the weak policies apply (:mod:`ucmkd.augment`). An MLP on raw samples or pixels
+    is not, and is hurt by them (docs/method.md, "Augmentation and consistency")."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
 @register_method("ucmkd")
@@ -88,7 +96,7 @@ class UCMKD(Distiller):
         retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
         consistency: bool = False   # pseudo-labels from a weak view of each unlabelled item train its strong view (FixMatch-style)
-        labelled_aug: str = "none"  # augmentation of the student's labelled items (not the CE shadow's): none | weak | strong (docs/method.md, "Augmentation")
+        labelled_aug: str = "auto"  # augmentation of the student's labelled items (not the CE shadow's): auto (weak for a convolutional student, else none) | none | weak | strong (docs/method.md, "Augmentation")
 
     @classmethod
     def teacher_free(cls, params) -> bool:
@@ -127,16 +135,18 @@ class UCMKD(Distiller):
         self.uses_unlabelled = p.unlabelled
         from ..augment import LEVELS
 
-        if p.labelled_aug not in LEVELS:
-            raise ConfigError(f"method 'ucmkd': method.params.labelled_aug must be one of {', '.join(LEVELS)}, "
+        if p.labelled_aug not in ("auto",) + LEVELS:
+            raise ConfigError(f"method 'ucmkd': method.params.labelled_aug must be one of auto, {', '.join(LEVELS)}, "
                               f"got {p.labelled_aug!r}")
+        self.labelled_aug = p.labelled_aug if p.labelled_aug != "auto" else (
+            "weak" if is_convolutional(student) else "none")
         if p.consistency and p.u_forward == "joint":
             raise ConfigError("method 'ucmkd': method.params.consistency needs u_forward: separate (the weak view "
                               "is forwarded without gradient, the strong view with it)")
         # the student's labelled items are augmented here, not by the trainer, so that the CE
         # shadow keeps training on them as given: the gate then falls back to plain CE where
         # augmentation hurts (e.g. a user's MLP on images over a short schedule)
-        self.uses_augmentation = p.labelled_aug != "none" or (p.unlabelled and p.consistency)
+        self.uses_augmentation = self.labelled_aug != "none" or (p.unlabelled and p.consistency)
         if self.input_kind is not None:      # built on a student that knows its kind: policy for the views
             self.set_augmentation(self.input_kind)
 
@@ -284,7 +294,7 @@ class UCMKD(Distiller):
         if batch.xu is not None:
             self.student.check_input(batch.xu)   # a mis-shaped pool is named even while paused
         zw = logits_w = None
-        xs = batch.xs if p.labelled_aug == "none" else self.augment(batch.xs, p.labelled_aug,
+        xs = batch.xs if self.labelled_aug == "none" else self.augment(batch.xs, self.labelled_aug,
                                                                       self.augment_generator(batch, 2))
         if use_u and p.u_forward == "joint":
             z, logits, zu, logits_u = split_forward(self.student, xs, batch.xu)
