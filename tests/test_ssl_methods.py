@@ -236,11 +236,21 @@ def test_the_same_batches_with_and_without_augmentation():
     assert all(torch.equal(x, y) for x, y in zip(a, b))      # augmentation draws from no sampler RNG
 
 
-def test_resumed_run_with_augmentation_is_bit_identical(tmp_path):
+def _resume_cfg(case):
+    if case == "freematch":
+        cfg = small_cfg("freematch", epochs=4, unlabelled_ratio=2.0)
+        cfg.augment.labelled = "strong"
+    else:         # ucmkd's own augmentations: weak labelled items, weak and strong views
+        cfg = small_cfg("ucmkd", epochs=4, unlabelled_ratio=2.0)
+        cfg.method.params = {"n_iter": 10, "consistency": True, "labelled_aug": "weak"}
+    return cfg
+
+
+@pytest.mark.parametrize("case", ["freematch", "ucmkd-consistency"])
+def test_resumed_run_with_augmentation_is_bit_identical(tmp_path, case):
     import ucmkd.engine.trainer as tr
 
-    cfg = small_cfg("freematch", epochs=4, unlabelled_ratio=2.0)
-    cfg.augment.labelled = "strong"
+    cfg = _resume_cfg(case)
     full = run(cfg, run_dir=tmp_path / "full")
     orig = tr.Trainer.fit
     tr.Trainer.fit = lambda self, stop_after=None: orig(self, stop_after=2)
@@ -257,7 +267,8 @@ def test_resumed_run_with_augmentation_is_bit_identical(tmp_path):
     for part_name in ("student", "extra"):
         for k in a[part_name]:
             assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)
-    assert resumed["test_acc"] == full["test_acc"] and resumed["best_epoch"] == full["best_epoch"]
+    for k in ("test_acc", "best_epoch", "candidates"):
+        assert resumed[k] == full[k], k
 
 
 def _digits_cfg(method, student):
