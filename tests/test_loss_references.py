@@ -186,7 +186,11 @@ def test_ucmkd_terms():
               kd_beta=4.0, temperature=2.0, momentum=0.0)
     d.extra["prior"].momentum = m
     d.extra["prior"].threshold.fill_(0.0)
-    z, logits = features(student, b.xs)
+    # the default labelled_aug (auto) augments a convolutional student's labelled items weakly
+    # (stream 2 of the batch's generator); the CE shadow sees them as given
+    assert d.labelled_aug == "weak"
+    b.seed = 3
+    z, logits = features(student, d.augment(b.xs, "weak", d.augment_generator(b, 2)))
     zu, lu = features(student, b.xu)
     _, tl = features(teacher, b.xt)
     proj = d.extra["projector"]
