@@ -5,7 +5,7 @@ distiller minus that method, paired by seed with its 95 % Student-t CI; then the
 settings and the settings where the share's CI is above 0 / the distiller is within 0.5 pp of the
 best teacher-free method. The statistics are :mod:`ucmkd.report`'s (the same as every table).
 
-    python benchmarks/teacher_share.py outputs/bench-full-ssl/results.jsonl --distillers ucmkd,ucmkd-aug
+    python benchmarks/teacher_share.py outputs/bench-full/results.jsonl --distillers ucmkd,dkd [--seeds 5,6,7,8,9]
 """
 from __future__ import annotations
 
@@ -38,8 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("results")
     ap.add_argument("--distillers", default="ucmkd")
     ap.add_argument("--baseline", default="ce")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds to keep (default: all)")
     a = ap.parse_args(argv)
     results = [json.loads(x) for x in open(a.results) if x.strip()]
+    if a.seeds:
+        keep = {int(s) for s in a.seeds.split(",")}
+        results = [r for r in results if r["seed"] in keep]
     dist = a.distillers.split(",")
     free = teacher_free_labels(results, a.baseline)
     rows = {(r["setting"], r["method"]): r for r in summarise(results, baseline=a.baseline, by=("setting",))}
