@@ -191,6 +191,20 @@ def test_the_ce_shadow_trains_on_the_labelled_items_as_given(monkeypatch):
     assert len(seen) == 1 and torch.equal(seen[0], batch.xs)
 
 
+def test_labelled_items_are_augmented_once_when_the_run_augments_every_method(monkeypatch):
+    """augment.labelled: weak (the trainer augments xs before the step): ucmkd's own labelled_aug
+    does not augment them a second time."""
+    teacher, student, batch = tiny(6)
+    d = build_distiller("ucmkd", student, teacher, {"n_iter": 10})
+    d.set_augmentation("signal", labelled="weak")
+    d.train()
+    calls = []
+    real = type(d).augment
+    monkeypatch.setattr(type(d), "augment", lambda self, x, level, gen: calls.append(level) or real(self, x, level, gen))
+    d(d.augment_labelled(batch))
+    assert calls == ["weak"]          # the trainer's, only
+
+
 def test_ucmkd_consistency_bad_params_are_named():
     teacher, student, _ = tiny(6)
     with pytest.raises(ConfigError, match="method.params.labelled_aug must be one of auto, none, weak, strong"):

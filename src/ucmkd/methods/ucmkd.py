@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..augment import LEVELS
 from ..engine import distributed
 from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
@@ -133,8 +134,6 @@ class UCMKD(Distiller):
             self.add_fallback()
             self.extra["gate"] = ShadowGate()
         self.uses_unlabelled = p.unlabelled
-        from ..augment import LEVELS
-
         if p.labelled_aug not in ("auto",) + LEVELS:
             raise ConfigError(f"method 'ucmkd': method.params.labelled_aug must be one of auto, {', '.join(LEVELS)}, "
                               f"got {p.labelled_aug!r}")
@@ -294,8 +293,10 @@ class UCMKD(Distiller):
         if batch.xu is not None:
             self.student.check_input(batch.xu)   # a mis-shaped pool is named even while paused
         zw = logits_w = None
-        xs = batch.xs if self.labelled_aug == "none" else self.augment(batch.xs, self.labelled_aug,
-                                                                      self.augment_generator(batch, 2))
+        # the trainer already augmented xs when the run augments every method's labelled items
+        # (augment.labelled): then not a second time here
+        own = self.labelled_aug if self.labelled_level == "none" else "none"
+        xs = batch.xs if own == "none" else self.augment(batch.xs, own, self.augment_generator(batch, 2))
         if use_u and p.u_forward == "joint":
             z, logits, zu, logits_u = split_forward(self.student, xs, batch.xu)
         else:
