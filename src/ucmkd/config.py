@@ -46,8 +46,24 @@ def _check_range(f, value: Any, path: str) -> None:
         raise ConfigError(f"{path}: expected a value {range_text(*rng)}, got {value!r}")
 
 
+def choices_of(cls: type) -> dict:
+    """``CHOICES`` of a dataclass and of its bases (field -> allowed string values)."""
+    out: dict = {}
+    for base in reversed(cls.__mro__):
+        out.update(base.__dict__.get("CHOICES", {}))
+    return out
+
+
+def _check_choice(allowed: dict, name: str, value: Any, path: str) -> None:
+    if name in allowed and value not in allowed[name]:
+        raise ConfigError(f"{path}: unknown value {value!r}; choose one of {', '.join(map(str, allowed[name]))}")
+
+
 def check_ranges(cfg: Any, path: str = "") -> None:
-    """Check every ranged field of the dataclass ``cfg`` (recursively); errors name the dotted field."""
+    """Check every ranged field and every ``CHOICES`` field of the dataclass ``cfg``
+    (recursively): the validation :func:`from_dict` does, for an object built in Python (e.g. a
+    method's ``Params(...)``). Errors name the dotted field."""
+    allowed = choices_of(type(cfg))
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         where = _join(path, f.name)
@@ -55,6 +71,7 @@ def check_ranges(cfg: Any, path: str = "") -> None:
             check_ranges(v, where)
         else:
             _check_range(f, v, where)
+            _check_choice(allowed, f.name, v, where)
 
 
 # --------------------------------------------------------------------------- sections
@@ -406,10 +423,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], _join(path, f.name))
             _check_range(f, kwargs[f.name], _join(path, f.name))
-    for name, allowed in getattr(cls, "CHOICES", {}).items():   # string fields with a fixed set of values
-        if name in kwargs and kwargs[name] not in allowed:
-            raise ConfigError(f"{_join(path, name)}: unknown value {kwargs[name]!r}; choose one of "
-                              f"{', '.join(allowed)}")
+    allowed = choices_of(cls)   # string fields with a fixed set of values
+    for name, value in kwargs.items():
+        _check_choice(allowed, name, value, _join(path, name))
     return cls(**kwargs)
 
 

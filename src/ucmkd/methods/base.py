@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import from_dict
+from ..config import check_ranges, from_dict
 from ..data.pairing import Batch
 from ..errors import ConfigError, DataError
 from ..models import Classifier, make_projector
@@ -103,6 +103,7 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
         self.params = params if params is not None else self.Params()
+        check_ranges(self.params, "method.params")    # Params built in Python skip from_dict's checks
         self.progress = 0.0   # fraction of training done, in [0, 1); set by the trainer each epoch
         self.extra = nn.ModuleDict()
         self.teacher_outputs = None   # see use_teacher_outputs
