@@ -150,6 +150,7 @@ class DataConfig:
     tabular: TabularConfig = field(default_factory=TabularConfig)
     spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
+    options: dict = field(default_factory=dict)  # dataset family -> its typed options (a user dataset's ``register_dataset(options=...)``)
     av: AVConfig = field(default_factory=AVConfig)
     standardize: str = "auto"         # auto (per_feature for vectors, global otherwise) | per_feature | global | none (docs/data.md)
     storage: str = "auto"             # memory | mmap (read lazily from a memory-mapped file) | auto: mmap for files above mmap_above_mb
@@ -162,6 +163,11 @@ class DataConfig:
     #: fields that change how the inputs are read, never their values (left out of run keys: the
     #: data's content fingerprint is in the key)
     IO_FIELDS: ClassVar[tuple] = ("storage", "mmap_above_mb", "workers", "prefetch")
+    #: where files are, never what they hold (left out of run keys: the content fingerprints are in)
+    PATH_FIELDS: ClassVar[tuple] = ("cache_dir", "roots")
+    #: the sections one dataset family reads (``register_dataset(reads=...)``): a run's key holds
+    #: those of its two datasets only (the others at their defaults)
+    SECTIONS: ClassVar[tuple] = ("mnist1d_samples", "synthetic", "tabular", "spoken", "av")
 
 
 @dataclass

@@ -156,11 +156,56 @@ def data_fingerprint(data: ModalityData) -> dict:
 
 DatasetBuilder = Callable[[DataConfig], RawModality]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+#: dataset name -> the sections of :class:`DataConfig` its builder reads (``DataConfig.SECTIONS``,
+#: e.g. ``("spoken",)``); None: not declared, so every section keys its runs
+DATASET_READS: dict = {}
+#: dataset family (the name before "/") -> the dataclass of its typed options (``data.options.<family>``)
+DATASET_OPTIONS: dict = {}
 
 
-def register_dataset(name: str):
-    """Decorator: register ``builder(cfg: DataConfig) -> RawModality`` under ``name``."""
-    return DATASETS.register(name)
+def family(name: str) -> str:
+    """``"fsdd/audio"`` -> ``"fsdd"``; a file spec (``npz:PATH``) is its own family."""
+    return name.split(":", 1)[0] if ":" in name else name.split("/", 1)[0]
+
+
+def register_dataset(name: str, reads: Optional[tuple] = None, options: Optional[type] = None):
+    """Decorator: register ``builder(cfg: DataConfig) -> RawModality`` under ``name``.
+
+    reads: the :class:`DataConfig` sections the builder reads besides the shared split and
+        standardisation fields (``("spoken",)``; ``()``: none), so that the sections of datasets
+        a run does not use stay out of its key. Undeclared (None, and no ``options``): every
+        section and every ``data.options`` entry keys the runs that use it.
+    options: a dataclass of the family's own typed options, given as ``data.options.<family>``
+        (validated like every config section, errors naming ``data.options.<family>.<field>``)
+        and read by the builder with :func:`dataset_options`.
+    """
+    def deco(builder: DatasetBuilder) -> DatasetBuilder:
+        DATASETS.register(name)(builder)
+        DATASET_READS[name] = tuple(reads or ()) if (reads is not None or options is not None) else None
+        if options is not None:
+            DATASET_OPTIONS[family(name)] = options
+        return builder
+
+    return deco
+
+
+def dataset_options(cfg: DataConfig, name: str):
+    """The typed options of dataset ``name`` (its family's ``options`` dataclass, registered with
+    :func:`register_dataset`) from ``cfg.options[<family>]``, validated."""
+    from ..config import from_dict
+
+    fam = family(name)
+    if fam not in DATASET_OPTIONS:
+        raise ConfigError(f"data.options.{fam}: dataset {name!r} declares no options")
+    return from_dict(DATASET_OPTIONS[fam], cfg.options.get(fam) or {}, f"data.options.{fam}")
+
+
+def dataset_reads(name: str) -> Optional[tuple]:
+    """The :class:`DataConfig` sections dataset ``name`` reads (see :func:`register_dataset`);
+    None when unknown (an undeclared or unregistered dataset)."""
+    if name.startswith("npz:"):
+        return ()
+    return DATASET_READS.get(name)
 
 
 def cache_dir(cfg: DataConfig | None = None) -> Path:
@@ -348,6 +393,10 @@ def _lazy_standardizer(src: np.memmap, train: np.ndarray, mode: str, name: str, 
 def load_modality(name: str, cfg: DataConfig | None = None) -> ModalityData:
     """Build modality ``name`` (a registered name, or ``npz:PATH``) with fixed splits."""
     cfg = cfg or DataConfig()
+    for fam in cfg.options:
+        if fam not in DATASET_OPTIONS:
+            raise ConfigError(f"data.options.{fam}: no registered dataset family {fam!r} declares options "
+                              f"(families with options: {', '.join(sorted(DATASET_OPTIONS)) or 'none'})")
     if name.startswith("npz:"):
         from .npz import load_npz
 
