@@ -273,20 +273,26 @@ class RunConfig:
     # key=value overrides, ``from_dict``); see docs/reproduction.md
     recipe: Optional[str] = None
 
+    #: the recipe layer (:mod:`ucmkd.recipes`, which registers itself here: recipes sit above the
+    #: config and the methods they validate): ``check(name)`` and ``expand(data, path)``
+    RECIPES: ClassVar[dict] = {}
+
     def __post_init__(self):
         if self.recipe is not None:
-            from .recipes import load_recipe
-
-            load_recipe(self.recipe)   # unknown names are an error listing the known ones
+            self._recipes()["check"](self.recipe)   # unknown names are an error listing the known ones
 
     @classmethod
     def expand(cls, data: dict, path: str) -> dict:
         """Fill in ``data``'s recipe (if it names one) under its own values."""
         if not isinstance(data, dict) or data.get("recipe") is None:
             return data
-        from .recipes import expand_recipe
+        return cls._recipes()["expand"](data, path)
 
-        return expand_recipe(data, path)
+    @classmethod
+    def _recipes(cls) -> dict:
+        if not cls.RECIPES:     # importing any ucmkd module imports the package, which loads the recipes
+            raise ConfigError("recipes are not loaded yet (a config with a recipe built while ucmkd is imported)")
+        return cls.RECIPES
 
 
 @dataclass

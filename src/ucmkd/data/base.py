@@ -200,12 +200,32 @@ def dataset_options(cfg: DataConfig, name: str):
     return from_dict(DATASET_OPTIONS[fam], cfg.options.get(fam) or {}, f"data.options.{fam}")
 
 
+#: file-spec schemes (``npz:PATH``): scheme -> (loader(path, cfg) -> RawModality, the sections it reads)
+SCHEMES: dict = {}
+
+
+def register_scheme(scheme: str, reads: tuple = ()):
+    """Decorator: datasets named ``<scheme>:PATH`` are built by ``loader(path: str, cfg:
+    DataConfig) -> RawModality``; ``reads``: as for :func:`register_dataset`."""
+    def deco(loader: Callable[[str, DataConfig], RawModality]):
+        if scheme in SCHEMES:
+            raise ConfigError(f"dataset scheme {scheme!r} is registered twice")
+        SCHEMES[scheme] = (loader, tuple(reads))
+        return loader
+
+    return deco
+
+
+def _scheme(name: str) -> Optional[tuple]:
+    scheme, sep, _ = name.partition(":")
+    return SCHEMES.get(scheme) if sep else None
+
+
 def dataset_reads(name: str) -> Optional[tuple]:
     """The :class:`DataConfig` sections dataset ``name`` reads (see :func:`register_dataset`);
     None when unknown (an undeclared or unregistered dataset)."""
-    if name.startswith("npz:"):
-        return ()
-    return DATASET_READS.get(name)
+    spec = _scheme(name)
+    return spec[1] if spec is not None else DATASET_READS.get(name)
 
 
 def cache_dir(cfg: DataConfig | None = None) -> Path:
@@ -391,18 +411,15 @@ def _lazy_standardizer(src: np.memmap, train: np.ndarray, mode: str, name: str, 
 
 
 def load_modality(name: str, cfg: DataConfig | None = None) -> ModalityData:
-    """Build modality ``name`` (a registered name, or ``npz:PATH``) with fixed splits."""
+    """Build modality ``name`` (a registered name, or a file spec such as ``npz:PATH``,
+    :func:`register_scheme`) with fixed splits."""
     cfg = cfg or DataConfig()
     for fam in cfg.options:
         if fam not in DATASET_OPTIONS:
             raise ConfigError(f"data.options.{fam}: no registered dataset family {fam!r} declares options "
                               f"(families with options: {', '.join(sorted(DATASET_OPTIONS)) or 'none'})")
-    if name.startswith("npz:"):
-        from .npz import load_npz
-
-        raw = load_npz(name[4:])
-    else:
-        raw = DATASETS.get(name)(cfg)
+    spec = _scheme(name)
+    raw = spec[0](name.partition(":")[2], cfg) if spec is not None else DATASETS.get(name)(cfg)
     return finalize(raw, name, cfg)
 
 

@@ -13,9 +13,15 @@ import numpy as np
 
 from ..cache import open_npz_member
 from ..errors import DataError
-from .base import RawModality
+from .base import RawModality, register_scheme
 
 _DEFAULT_KIND = {2: "vector", 3: "signal", 4: "image"}
+
+
+@register_scheme("npz")
+def load_npz_spec(path: str, cfg=None) -> RawModality:
+    """``npz:PATH`` (the data config is not read: the file holds everything)."""
+    return load_npz(path)
 
 
 def load_npz(path: str) -> RawModality:
