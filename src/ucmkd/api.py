@@ -422,8 +422,8 @@ def _result(ctx: RunContext, fit, run_dir: Optional[Path], t0: float) -> dict:
     if ctx.teacher is not None and ctx.teacher_data is not None:
         from .diagnostics import alignment_diagnostics
 
-        proj = distiller.extra["projector"] if "projector" in distiller.extra else None
-        diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data, projector=proj,
+        diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data,
+                                     projector=distiller.feature_map(),
                                      seed=cfg.seed, device=ctx.device)
     return {
         "method": cfg.method.name, "seed": cfg.seed, "teacher": cfg.data.teacher, "student": cfg.data.student,

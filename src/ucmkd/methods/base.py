@@ -188,6 +188,13 @@ class Distiller(nn.Module):
         """Student features [B, d_s] -> teacher feature space [B, d_t]."""
         return self.extra["projector"](z) if "projector" in self.extra else z
 
+    def feature_map(self) -> Optional[nn.Module]:
+        """The module this run learned that maps student features [B, d_s] into the teacher's
+        feature space [B, d_t] (the projector), or None (features compared as they are). The
+        alignment diagnostics, the feature plot and export read it; a method with another map
+        overrides this."""
+        return self.extra["projector"] if "projector" in self.extra else None
+
     def use_teacher_outputs(self, outputs) -> None:
         """Serve the frozen teacher's outputs from ``outputs`` (a
         :class:`~ucmkd.engine.teacher_outputs.TeacherOutputs` of the teacher modality the
