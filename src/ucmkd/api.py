@@ -41,7 +41,10 @@ RUN_KEY_FILE = "key.json"
 UNKEYED = ("device", "threads", "logging")
 #: fields added after runs were published, left out of keys while at these defaults (which
 #: reproduce the earlier behaviour), so the keys of earlier runs stay valid
-LATER_DEFAULTS = {("pairing", "unlabelled_ratio"): 1.0, ("data", "options"): {}, ("augment",): {"labelled": "none", "policy": None}}
+LATER_DEFAULTS = {("pairing", "unlabelled_ratio"): 1.0, ("data", "options"): {}, ("augment",): {"labelled": "none", "policy": None},
+                  # auto is items on data without groups; on data with groups it changed the
+                  # splits, which reach the keys through the data's content fingerprint
+                  ("data", "val_by"): "auto"}
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:

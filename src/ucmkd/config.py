@@ -144,6 +144,7 @@ class DataConfig:
     split_seed: int = 0               # fixed splits: the same for every run seed
     test_frac: float = ranged(0.25, 0.0, 1.0, lo_open=True, hi_open=True)
     val_frac: float = ranged(0.2, 0.0, 1.0, lo_open=True, hi_open=True)             # carved from the training part
+    val_by: str = "auto"              # validation of datasets with groups (speakers...): groups (whole ones held out) | items | auto: groups when there are enough (docs/data.md)
     cache_dir: Optional[str] = None   # default: $UCMKD_CACHE or ~/.cache/ucmkd
     mnist1d_samples: int = ranged(4000, 10)       # size of the generated digits/signal set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -159,7 +160,7 @@ class DataConfig:
     prefetch: int = ranged(2, 1)      # batches each worker reads ahead
 
     CHOICES: ClassVar[dict] = {"standardize": ("auto", "per_feature", "global", "none"),
-                               "storage": ("auto", "memory", "mmap")}
+                               "storage": ("auto", "memory", "mmap"), "val_by": ("auto", "items", "groups")}
     #: fields that change how the inputs are read, never their values (left out of run keys: the
     #: data's content fingerprint is in the key)
     IO_FIELDS: ClassVar[tuple] = ("storage", "mmap_above_mb", "workers", "prefetch")
