@@ -136,7 +136,7 @@ def _cmd_list(a) -> int:
     from .methods import METHODS
     from .models import BACKBONES
 
-    print("datasets:   " + ", ".join(DATASETS.names()) + ", npz:PATH")
+    print("datasets:   " + ", ".join(DATASETS.names()) + ", npz:PATH, folder:PATH[?key=value&...]")
     print("methods:    " + ", ".join(METHODS.names()))
     print("backbones:  " + ", ".join(BACKBONES.names()) + " (auto picks by input kind)")
     print("OT metrics: " + ", ".join(METRICS) + "; OT backends: " + ", ".join(BACKENDS))

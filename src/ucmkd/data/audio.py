@@ -182,15 +182,19 @@ def default_n_fft(hop_length: int) -> int:
     return 1 << max(0, (2 * hop_length - 1).bit_length())
 
 
-def check_spectrogram(n_fft, hop_length, n_mels, where: str) -> None:
-    """DataError naming ``<where>.<field>`` for STFT / mel settings that cannot work."""
-    for name, v in (("n_mels", n_mels), ("n_fft", n_fft), ("hop_length", hop_length)):
+def check_spectrogram(n_fft, hop_length, n_mels, where) -> None:
+    """DataError naming the field for STFT / mel settings that cannot work: ``<where>.<field>``,
+    or ``where(field)`` for a callable."""
+    def name(f: str) -> str:
+        return where(f) if callable(where) else f"{where}.{f}"
+
+    for f, v in (("n_mels", n_mels), ("n_fft", n_fft), ("hop_length", hop_length)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DataError(f"{where}.{name} must be a positive integer, got {v!r}")
+            raise DataError(f"{name(f)} must be a positive integer, got {v!r}")
     if hop_length > n_fft:
-        raise DataError(f"{where}.hop_length ({hop_length}) must be <= n_fft ({n_fft})")
+        raise DataError(f"{name('hop_length')} ({hop_length}) must be <= n_fft ({n_fft})")
     if n_mels > n_fft // 2 + 1:
-        raise DataError(f"{where}.n_mels ({n_mels}) must be <= n_fft // 2 + 1 ({n_fft // 2 + 1})")
+        raise DataError(f"{name('n_mels')} ({n_mels}) must be <= n_fft // 2 + 1 ({n_fft // 2 + 1})")
 
 
 # --------------------------------------------------------------------------- the chain
