@@ -110,9 +110,9 @@ def fit_length(x: np.ndarray, length: int, crop: str = "centre") -> np.ndarray:
 
 
 def peak_normalize(x: np.ndarray, peak: float = 1.0) -> np.ndarray:
-    """``x`` scaled so that max |x| = ``peak`` (all-zero input returned as is)."""
+    """``x`` scaled so that max |x| = ``peak`` (exactly, for peak 1; all-zero input as is)."""
     m = np.abs(x).max() if x.size else 0.0
-    return x * (peak / m) if m > 0 else x
+    return x / m * peak if m > 0 else x
 
 
 # --------------------------------------------------------------------------- log-mel
