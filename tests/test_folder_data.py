@@ -2,7 +2,6 @@
 errors, and runs through the Python API and the CLI. Every fixture is generated here: tones
 and chirps written with soundfile, eSpeak NG words, PNGs of scikit-learn's digits."""
 import dataclasses
-import hashlib
 import math
 
 import numpy as np
