@@ -78,11 +78,12 @@ def _load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
 def key_config(cfg: RunConfig) -> dict:
     """The config as run keys see it: without the device, the thread count and the fields that
     change only how inputs are read (``DataConfig.IO_FIELDS``: storage, workers; what they read
-    enters keys through the data's content fingerprint)."""
+    enters keys through the data's content fingerprint), and the sections that only a dataset's
+    fingerprint carries (``DataConfig.FINGERPRINT_FIELDS``: the folder datasets' options)."""
     d = to_dict(cfg)
     for k in UNKEYED:
         d.pop(k, None)
-    for k in DataConfig.IO_FIELDS:
+    for k in DataConfig.IO_FIELDS + DataConfig.FINGERPRINT_FIELDS:
         d["data"].pop(k, None)
     _unkey_data(d["data"], cfg.data)
     for path, default in LATER_DEFAULTS.items():

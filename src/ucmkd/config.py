@@ -137,6 +137,42 @@ class AVConfig:
     audio_size: int = ranged(0, 0)           # >0: resize audio features to audio_size x audio_size (bilinear, e.g. 224 for a ViT)
 
 
+@dataclass(frozen=True)
+class FolderConfig:
+    """Options of ``folder:PATH`` datasets: a folder of sound files, images or ``.npy`` arrays
+    (:mod:`ucmkd.data.folder`, docs/data.md "Folder datasets"). One dataset overrides them in
+    its name: ``folder:PATH?key=value&key=value``."""
+
+    # layout: PATH/<class>/<file> (class subfolders, at any depth below), or a file-name pattern;
+    # optional PATH/train, PATH/val, PATH/test folders hold the dataset's own split
+    pattern: Optional[str] = None       # file names, e.g. "{label}_{group}_{*}.wav": {label} the class, {group} the speaker/subject/session, {*} anything; None: the class is the subfolder
+    group_from: str = "auto"            # auto: the pattern's {group} if it has one, else none | pattern | parent: the folder holding each file (PATH/<class>/<group>/<file>) | none
+    split_folders: Optional[bool] = None   # top folders train/val/test are the dataset's split; null: when the top folders are train and test (and val)
+    classes: Optional[tuple] = None     # class names in label order (each must have files); null: the names found, sorted
+    extensions: Optional[tuple] = None  # file suffixes read (case-insensitive); null: every suffix a reader knows; other files are skipped
+    unmatched: str = "error"            # error | skip: a file name the pattern does not match
+    # sound files (.wav .flac .ogg .mp3 .aiff): log-mel x [N, C, n_mels, T], kind image, augmented as spectrogram
+    sample_rate: Optional[int] = ranged(None, 1)   # Hz of the clips; null: the files' own (all must have one rate)
+    resample: bool = True               # resample files of another rate (scipy resample_poly); false: such a file is an error
+    mono: bool = True                   # mix the channels down to one (their mean); false: keep C channels (all files must have C)
+    trim_db: Optional[float] = ranged(None, 0.0, lo_open=True)   # cut leading/trailing 5 ms frames more than trim_db below the loudest; null: keep
+    duration: Optional[float] = ranged(None, 0.0, lo_open=True)  # seconds per clip (cut / zero-padded); null: the longest file
+    crop: str = "centre"                # centre: keep a longer clip's middle, pad a shorter one on both sides | start: keep the beginning, pad at the end
+    peak_normalize: bool = True         # scale each clip to peak 1 (after the crop)
+    n_mels: int = ranged(32, 1)
+    hop_length: Optional[int] = ranged(None, 1)   # samples; null: 20 ms (441 at 22,050 Hz)
+    n_fft: Optional[int] = ranged(None, 1)        # samples; null: the smallest power of two >= 2 hop_length (1024 at 22,050 Hz)
+    # images (.png .jpg .jpeg .bmp .gif .tif .tiff .webp): x [N, C, H, W] in [0, 1]
+    image_mode: str = "auto"            # L (C=1) | RGB (C=3) | auto: L when every image is grayscale, else RGB
+    image_size: Optional[int] = ranged(None, 1)   # resize to image_size x image_size; null: keep (all images must have one size)
+    image_resample: str = "bilinear"    # Pillow's resampling filter: nearest | bilinear | bicubic | lanczos
+    # .npy files: one item each, [D] vector, [C, L] signal or [C, H, W] image (all of one shape)
+
+    CHOICES: ClassVar[dict] = {"group_from": ("auto", "pattern", "parent", "none"), "unmatched": ("error", "skip"),
+                               "crop": ("centre", "start"), "image_mode": ("auto", "L", "RGB"),
+                               "image_resample": ("nearest", "bilinear", "bicubic", "lanczos")}
+
+
 @dataclass
 class DataConfig:
     teacher: str = "digits/image"     # modality dataset name (registry ``ucmkd.data.DATASETS``)
@@ -153,6 +189,7 @@ class DataConfig:
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
     options: dict = field(default_factory=dict)  # dataset family -> its typed options (a user dataset's ``register_dataset(options=...)``)
     av: AVConfig = field(default_factory=AVConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)   # folder:PATH datasets (docs/data.md)
     standardize: str = "auto"         # auto (per_feature for vectors, global otherwise) | per_feature | global | none (docs/data.md)
     storage: str = "auto"             # memory | mmap (read lazily from a memory-mapped file) | auto: mmap for files above mmap_above_mb
     mmap_above_mb: float = ranged(2048.0, 0.0)   # storage=auto: a file-backed modality larger than this (MiB of float32) is read lazily
@@ -169,6 +206,9 @@ class DataConfig:
     #: the sections one dataset family reads (``register_dataset(reads=...)``): a run's key holds
     #: those of its two datasets only (the others at their defaults)
     SECTIONS: ClassVar[tuple] = ("mnist1d_samples", "synthetic", "tabular", "spoken", "av")
+    #: sections whose effect reaches run keys only through the data's fingerprint (they are part
+    #: of a folder dataset's fingerprint; left out of run keys, so they key only runs that use one)
+    FINGERPRINT_FIELDS: ClassVar[tuple] = ("folder",)
 
 
 @dataclass

@@ -492,8 +492,11 @@ def check_compatible(student: ModalityData, teacher: ModalityData) -> None:
     """The two modalities must share one label space (same class names in the same order)."""
     if list(student.classes) != list(teacher.classes):
         s, t = set(map(str, student.classes)), set(map(str, teacher.classes))
-        diff = sorted(s ^ t)
-        detail = (f"classes only in one: {diff}" if diff else
-                  f"same classes in a different order: {student.classes} vs {teacher.classes}")
-        raise DataError(f"label sets differ between student {student.name!r} and teacher "
-                        f"{teacher.name!r}: {detail}")
+        if s != t:
+            detail = "; ".join(f"only in the {role}: {sorted(extra)}" for role, extra in
+                               (("student", s - t), ("teacher", t - s)) if extra)
+        else:
+            detail = f"same classes in a different order: {student.classes} vs {teacher.classes}"
+        raise DataError(f"label sets differ between student {student.name!r} ({len(s)} classes) and teacher "
+                        f"{teacher.name!r} ({len(t)} classes): {detail}. Both must name the same classes in "
+                        f"the same order (a folder dataset: its 'classes' option sets them)")

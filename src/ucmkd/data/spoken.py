@@ -17,9 +17,10 @@ speakers are held out for the test split (speaker-independent evaluation). Each 
    over the whole clip vs. power of the speech segment; ``snr_db: null`` = clean);
 4. written as 16-bit PCM WAV.
 
-Log-mel spectrograms (``torch.stft`` power spectrum, a Slaney-style mel filter bank built here,
-``10 log10``, floor at 80 dB below each clip's maximum) of all clips are cached in one ``.npz``
-file: x [N, 1, n_mels, T] with T = 1 + duration * sample_rate // hop_length.
+Log-mel spectrograms (the audio front end shared with folder datasets, :mod:`ucmkd.data.audio`:
+``torch.stft`` power spectrum, a Slaney-style mel filter bank, ``10 log10``, floor at 80 dB below
+each clip's maximum) of all clips are cached in one ``.npz`` file: x [N, 1, n_mels, T] with
+T = 1 + duration * sample_rate // hop_length.
 
 Cache layout under ``cache_dir(cfg)/spoken_digits/<recipe-hash>/``: ``manifest.json`` (written
 last: the directory is complete), ``wav/<speaker>/<digit>_<word>_r<rate>_p<pitch>.wav`` and
@@ -45,6 +46,8 @@ import numpy as np
 from ..cache import atomic_path, get_or_build
 from ..config import DataConfig, SpokenDigitsConfig, config_hash
 from ..errors import DataError
+from .audio import (SILENCE_DB, TOP_DB, FrontEnd, check_spectrogram, fit_length, hz_to_mel, log_mel,  # noqa: F401
+                    mel_filterbank, mel_to_hz, speech_bounds)
 from .base import RawModality, cache_dir, register_dataset
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
@@ -52,8 +55,6 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 GENERATOR_VERSION = 1          # bump when the synthesis/rendering code changes its output
 SPECTROGRAM_VERSION = 1
 ESPEAK_SAMPLE_RATE = 22050     # eSpeak NG synthesises at this rate
-SILENCE_DB = 40.0              # speech = frames within this many dB of the loudest frame
-TOP_DB = 80.0                  # log-mel floor below each clip's maximum
 PEAK = 0.5                     # speech peak level before the noise is added (full scale = 1)
 
 # eSpeak NG C API constants (speak_lib.h)
@@ -350,14 +351,7 @@ def validate(cfg: SpokenDigitsConfig) -> None:
         raise DataError(f"{where}.duration must be > 0 seconds, got {cfg.duration}")
     if cfg.snr_db is not None and not np.isfinite(cfg.snr_db):
         raise DataError(f"{where}.snr_db must be a finite number or null, got {cfg.snr_db}")
-    for name in SPEC_FIELDS:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DataError(f"{where}.{name} must be a positive integer, got {v!r}")
-    if cfg.hop_length > cfg.n_fft:
-        raise DataError(f"{where}.hop_length ({cfg.hop_length}) must be <= n_fft ({cfg.n_fft})")
-    if cfg.n_mels > cfg.n_fft // 2 + 1:
-        raise DataError(f"{where}.n_mels ({cfg.n_mels}) must be <= n_fft // 2 + 1 ({cfg.n_fft // 2 + 1})")
+    check_spectrogram(cfg.n_fft, cfg.hop_length, cfg.n_mels, where)
 
 
 def recipe(cfg: SpokenDigitsConfig) -> list[Clip]:
@@ -391,19 +385,6 @@ def num_frames(cfg: SpokenDigitsConfig) -> int:
 
 
 # --------------------------------------------------------------------------- rendering
-def speech_bounds(x: np.ndarray, sample_rate: int, silence_db: float = SILENCE_DB) -> tuple[int, int]:
-    """[start, end) of the speech in ``x``: 5 ms frames within ``silence_db`` of the loudest."""
-    frame = max(1, sample_rate // 200)
-    n = len(x) // frame
-    if n == 0:
-        return 0, len(x)
-    rms = np.sqrt((x[: n * frame].astype(np.float64).reshape(n, frame) ** 2).mean(1))
-    if rms.max() <= 0:
-        return 0, 0
-    active = np.nonzero(rms >= rms.max() * 10 ** (-silence_db / 20))[0]
-    return int(active[0] * frame), int(min(len(x), (active[-1] + 1) * frame))
-
-
 def render(raw: np.ndarray, cfg: SpokenDigitsConfig, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """Synthesised int16 samples -> the clip (int16 [duration * sample_rate]) and its facts.
 
@@ -419,12 +400,10 @@ def render(raw: np.ndarray, cfg: SpokenDigitsConfig, rng: np.random.Generator) -
     if len(seg) == 0 or np.abs(seg).max() == 0:
         raise DataError("eSpeak NG produced a silent clip")
     trimmed = max(0, len(seg) - length)
-    if trimmed:
-        seg = seg[trimmed // 2: trimmed // 2 + length]
+    seg = fit_length(seg, min(len(seg), length), "centre")       # a longer segment: its middle
     seg = seg * (PEAK / np.abs(seg).max())
-    clip = np.zeros(length)
     off = (length - len(seg)) // 2
-    clip[off: off + len(seg)] = seg
+    clip = fit_length(seg, length, "centre")                       # centred in zeros
     p_speech = float((seg ** 2).mean())
     if cfg.snr_db is not None:
         noise = rng.standard_normal(length)
@@ -528,63 +507,18 @@ def read_wav(path: Path, cfg: SpokenDigitsConfig) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- log-mel
-def hz_to_mel(f):
-    """Slaney's auditory-toolbox mel scale: linear below 1 kHz (3 mels per 200 Hz), log above."""
-    f = np.asarray(f, dtype=np.float64)
-    lin = f / (200.0 / 3)
-    log = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
-    return np.where(f >= 1000.0, log, lin)
-
-
-def mel_to_hz(m):
-    m = np.asarray(m, dtype=np.float64)
-    lin = m * (200.0 / 3)
-    log = 1000.0 * np.exp((np.log(6.4) / 27.0) * (m - 15.0))
-    return np.where(m >= 15.0, log, lin)
-
-
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float = 0.0,
-                   fmax: float | None = None) -> np.ndarray:
-    """Triangular mel filters [n_mels, n_fft // 2 + 1] on the Slaney mel scale, area-normalised
-    (each filter scaled by 2 / its bandwidth in Hz), as in Slaney's toolbox."""
-    fmax = sample_rate / 2 if fmax is None else fmax
-    freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
-    edges = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
-    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
-    rising = (freqs[None] - lo) / (mid - lo)
-    falling = (hi - freqs[None]) / (hi - mid)
-    w = np.maximum(0.0, np.minimum(rising, falling))
-    return (w * (2.0 / (hi - lo))).astype(np.float32)
-
-
-def log_mel(audio: np.ndarray, cfg: SpokenDigitsConfig, batch: int = 256) -> np.ndarray:
-    """Clips [N, L] (float, full scale 1) -> log-mel dB [N, n_mels, T] (float32).
-
-    ``torch.stft`` (periodic Hann window of n_fft, centred, zero padding) power spectrum,
-    mel filter bank, ``10 log10(max(., 1e-10))``, floored at ``TOP_DB`` below each clip's max.
-    """
-    import torch
-
-    fb = torch.from_numpy(mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels))
-    window = torch.hann_window(cfg.n_fft, periodic=True)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(audio), batch):
-            x = torch.as_tensor(np.asarray(audio[i: i + batch], dtype=np.float32))
-            spec = torch.stft(x, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.n_fft, window=window,
-                              center=True, pad_mode="constant", return_complex=True)
-            mel = torch.matmul(fb, spec.abs() ** 2)
-            db = 10.0 * torch.log10(mel.clamp_min(1e-10))
-            db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - TOP_DB)
-            out.append(db.numpy())
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, cfg.n_mels, num_frames(cfg)), np.float32)
+def front_end(cfg: SpokenDigitsConfig) -> FrontEnd:
+    """The audio front end of the set: its clips are already rendered at ``sample_rate``,
+    centred and peak-normalised (:func:`render`), so only the log-mel step applies."""
+    return FrontEnd(sample_rate=cfg.sample_rate, length=clip_samples(cfg), n_mels=cfg.n_mels,
+                    hop_length=cfg.hop_length, n_fft=cfg.n_fft, crop="centre", peak_normalize=False)
 
 
 def compute_logmel(cfg: SpokenDigitsConfig, root: Path, manifest: dict) -> np.ndarray:
     """Log-mel spectrograms of every cached WAV, [N, 1, n_mels, T]."""
     wav_dir = root / "wav"
     audio = np.stack([read_wav(wav_dir / c["file"], cfg) for c in manifest["clips"]]).astype(np.float32)
-    return log_mel(audio / 32768.0, cfg)[:, None]
+    return front_end(cfg).log_mel(audio[:, None] / 32768.0)
 
 
 @dataclass
