@@ -87,6 +87,11 @@ def _flat(d, prefix: str = "") -> dict:
     return {prefix[:-1]: d}
 
 
+def _same(a, b) -> bool:
+    """Equal, NaN equal to NaN (e.g. a teacher-free run's teacher accuracy)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
 def compare(before: Path, after: Path) -> int:
     bad = 0
     names = sorted({p.name for p in before.glob("*.json")} | {p.name for p in after.glob("*.json")})
@@ -98,7 +103,7 @@ def compare(before: Path, after: Path) -> int:
             continue
         fa, fb = (_flat(json.loads(p.read_text())) for p in (a, b))
         diff = {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
-                if not k.startswith(VOLATILE) and fa.get(k) != fb.get(k)}
+                if not k.startswith(VOLATILE) and not _same(fa.get(k), fb.get(k))}
         bad += bool(diff)
         print(f"{name[:-5]:16s} {'identical' if not diff else 'DIFFERS: ' + json.dumps(diff, default=str)}")
     print(f"{len(names) - bad} of {len(names)} runs identical in every field but {', '.join(VOLATILE)}")
