@@ -96,8 +96,9 @@ def _cmd_train_teacher(a) -> int:
 
     info = distributed.on_rank_zero(dp, train)
     if dp is None or dp.is_main:
+        how = "as given, not trained" if info.get("best_epoch") is None else f"best epoch {info['best_epoch']}"
         print(f"teacher {cfg.data.teacher}: val acc {100 * info['val_acc']:.2f}%, test acc "
-              f"{100 * info['test_acc']:.2f}% (best epoch {info['best_epoch']})\ncheckpoint: {info['path']}")
+              f"{100 * info['test_acc']:.2f}% ({how})\ncheckpoint: {info['path']}")
     return 0
 
 
