@@ -173,7 +173,7 @@ def checkpoint_teacher(cfg: RunConfig, data: ModalityData) -> Classifier:
 
 def _checkpoint_info(cfg: RunConfig, data: ModalityData, model: Classifier, retrain: bool) -> dict:
     """The info of a checkpoint teacher: its validation and test accuracy, measured once and
-    cached in its entry's ``info.json`` (``retrain``: measured again)."""
+    cached in its entry's ``info.json`` (``retrain``: measured again), and where the file is."""
     path = Path(cfg.teacher.checkpoint).expanduser()
 
     def measure() -> dict:
@@ -184,8 +184,10 @@ def _checkpoint_info(cfg: RunConfig, data: ModalityData, model: Classifier, retr
                 "path": str(path), "key": teacher_key(cfg, data),
                 "checkpoint": {"path": str(path), "sha256": file_sha256(path), "format": checkpoint_format(path)}}
 
-    return get_or_build(teacher_dir(cfg, data) / "info.json", measure, lambda v, tmp: write_json(tmp, v),
+    info = get_or_build(teacher_dir(cfg, data) / "info.json", measure, lambda v, tmp: write_json(tmp, v),
                         lambda p: read_json(p, "teacher info"), "teacher info", rebuild=retrain)
+    # the entry is keyed by the file's content: a copy elsewhere shares it, and is named where it is now
+    return {**info, "path": str(path), "checkpoint": {**info["checkpoint"], "path": str(path)}}
 
 
 def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
