@@ -500,5 +500,5 @@ def test_validation_too_small_to_stratify_falls_back_to_random():
 
     y = np.arange(40) % 10          # 10 classes, 4 items each
     groups = np.repeat(np.arange(4), 10)
-    s = make_splits(y, 0.25, 0.2, 0, groups=groups)   # val = 6 items < 10 classes
+    s = make_splits(y, 0.25, 0.2, 0, groups=groups, val_by="items")   # val = 6 items < 10 classes
     assert len(s["val"]) == 6 and len(s["train"]) == 24 and len(s["test"]) == 10

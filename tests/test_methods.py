@@ -86,3 +86,46 @@ def test_label_alignment_without_teacher_gradient_is_the_ave_scripts_term():
     teacher, student, batch = tiny()
     d = build_distiller("ucmkd-joint", student, teacher, {"la_teacher_grad": False, "n_iter": 10})
     assert d.params.la_teacher_grad is False and torch.isfinite(d(batch).total)
+
+
+def _outside(rng):
+    """A value outside the range ``(lo, hi, lo_open, hi_open)`` of a ranged field."""
+    lo, hi, lo_open, hi_open = rng
+    if lo is not None:
+        return lo if lo_open else lo - 1
+    return hi if hi_open else hi + 1
+
+
+def test_every_method_params_field_is_validated_by_the_config_machinery():
+    """Each method's ``Params`` declares its ranges (``ranged``) and choices (``CHOICES``), so a
+    bad value fails at parse time and for ``Params(...)`` built in Python, naming the field."""
+    from dataclasses import fields, replace
+
+    from ucmkd.config import choices_of
+    from ucmkd.errors import ConfigError
+    from ucmkd.methods import METHODS
+
+    checked = 0
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        for f in fields(cls.Params):
+            bad = None
+            if "range" in f.metadata:
+                bad = _outside(f.metadata["range"])
+            elif f.name in choices_of(cls.Params):
+                bad = "no-such-choice"
+            if bad is None:
+                continue
+            with pytest.raises(ConfigError, match=rf"method\.params\.{f.name}: "):
+                cls.parse_params({f.name: bad})
+            with pytest.raises(ConfigError, match=rf"method\.params\.{f.name}: "):
+                cls(*_models_for(cls), params=replace(cls.Params(), **{f.name: bad}))
+            checked += 1
+    assert checked >= 44      # every ranged or choice field of the 19 built-in methods
+
+
+def _models_for(cls):
+    from helpers import tiny
+
+    teacher, student, _ = tiny()
+    return student, teacher

@@ -140,6 +140,8 @@ def test_test_speakers_are_held_out(tiny, cache):
     spk = {k: set(tiny.speaker[v.numpy()]) for k, v in d.splits.items()}
     assert spk["test"] and not spk["test"] & (spk["train"] | spk["val"])
     assert len(spk["test"]) == 1   # round(0.25 * 4 speakers)
+    # data.val_by=auto: validation speakers are held out of training too (round(0.2 * 3), at least 1)
+    assert d.meta["val_by"] == "groups" and len(spk["val"]) == 1 and not spk["val"] & spk["train"]
     assert sum(len(v) for v in d.splits.values()) == 80
 
 

@@ -207,7 +207,7 @@ def test_labelled_items_are_augmented_once_when_the_run_augments_every_method(mo
 
 def test_ucmkd_consistency_bad_params_are_named():
     teacher, student, _ = tiny(6)
-    with pytest.raises(ConfigError, match="method.params.labelled_aug must be one of auto, none, weak, strong"):
+    with pytest.raises(ConfigError, match="method.params.labelled_aug: unknown value .*; choose one of auto, none, weak, strong"):
         build_distiller("ucmkd", student, teacher, {"labelled_aug": "heavy"})
     with pytest.raises(ConfigError, match="consistency needs u_forward: separate"):
         build_distiller("ucmkd", student, teacher, {"consistency": True, "u_forward": "joint"})

@@ -15,7 +15,8 @@ from .export import load_student
 from .methods import Distiller, register_method
 from .recipes import recipe_config
 
-__version__ = "0.1.0"
+from ._version import __version__
+
 __all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "prepare", "RunContext", "run_experiment",
            "build_student", "load_pair",
            "load_modality", "register_dataset", "PairingSampler", "Trainer", "get_teacher", "Distiller",

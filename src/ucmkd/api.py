@@ -27,6 +27,7 @@ import torch
 from .cache import clean_tmp, content_key, model_signature, read_json, signature_diff, state_digest, write_json
 from .config import DataConfig, RunConfig, check_ranges, config_hash, save_config, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
+from .data.base import dataset_reads, family
 from .data.pairing import loader_options, validate_pairing
 from .data.standardize import NORMALISATION_FILE, normalisation_entry
 from .engine import Trainer, apply_threads, distributed, evaluate, get_teacher, seed_everything
@@ -40,8 +41,10 @@ RUN_KEY_FILE = "key.json"
 UNKEYED = ("device", "threads", "logging")
 #: fields added after runs were published, left out of keys while at these defaults (which
 #: reproduce the earlier behaviour), so the keys of earlier runs stay valid
-LATER_DEFAULTS = {("pairing", "unlabelled_ratio"): 1.0, ("augment",): {"labelled": "none", "policy": None},
-                  ("teacher", "checkpoint"): None}
+LATER_DEFAULTS = {("pairing", "unlabelled_ratio"): 1.0, ("data", "options"): {}, ("augment",): {"labelled": "none", "policy": None},
+                  # auto is items on data without groups; on data with groups it changed the
+                  # splits, which reach the keys through the data's content fingerprint
+                  ("data", "val_by"): "auto", ("teacher", "checkpoint"): None}
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
@@ -95,6 +98,7 @@ def key_config(cfg: RunConfig) -> dict:
         d.pop(k, None)
     for k in DataConfig.IO_FIELDS:
         d["data"].pop(k, None)
+    _unkey_data(d["data"], cfg.data)
     for path, default in LATER_DEFAULTS.items():
         node = d
         for part in path[:-1]:
@@ -102,6 +106,24 @@ def key_config(cfg: RunConfig) -> dict:
         if node.get(path[-1]) == default:
             node.pop(path[-1])
     return d
+
+
+def _unkey_data(d: dict, data: DataConfig) -> None:
+    """Set to their defaults, in the key dict ``d`` of ``data``: the paths (``PATH_FIELDS``: the
+    content fingerprints identify the data wherever it lies) and the sections and
+    ``data.options`` entries of datasets the run does not use (``register_dataset(reads=...)``),
+    so that neither re-keys a run. Defaults, not removal: the keys of runs made before stay."""
+    default = to_dict(DataConfig())
+    for k in DataConfig.PATH_FIELDS:
+        d[k] = default[k]
+    reads = [dataset_reads(data.teacher), dataset_reads(data.student)]
+    if any(r is None for r in reads):          # an undeclared dataset: everything may matter
+        return
+    used = set(reads[0]) | set(reads[1])
+    for k in DataConfig.SECTIONS:
+        if k not in used:
+            d[k] = default[k]
+    d["options"] = {f: v for f, v in d["options"].items() if f in {family(data.teacher), family(data.student)}}
 
 
 def run_key(cfg: RunConfig) -> str:
@@ -432,8 +454,8 @@ def _result(ctx: RunContext, fit, run_dir: Optional[Path], t0: float) -> dict:
     if ctx.teacher is not None and ctx.teacher_data is not None:
         from .diagnostics import alignment_diagnostics
 
-        proj = distiller.extra["projector"] if "projector" in distiller.extra else None
-        diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data, projector=proj,
+        diag = alignment_diagnostics(ctx.model, ctx.teacher, ctx.student_data, ctx.teacher_data,
+                                     projector=distiller.feature_map(),
                                      seed=cfg.seed, device=ctx.device)
     return {
         "method": cfg.method.name, "seed": cfg.seed, "teacher": cfg.data.teacher, "student": cfg.data.student,

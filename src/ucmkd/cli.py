@@ -132,11 +132,12 @@ def _cmd_export(a) -> int:
 
 def _cmd_list(a) -> int:
     from .data import DATASETS, PRESETS
+    from .data.base import SCHEMES
     from .losses.ot import BACKENDS, METRICS
     from .methods import METHODS
     from .models import BACKBONES
 
-    print("datasets:   " + ", ".join(DATASETS.names()) + ", npz:PATH")
+    print("datasets:   " + ", ".join(list(DATASETS.names()) + [f"{s}:PATH" for s in SCHEMES]))
     print("methods:    " + ", ".join(METHODS.names()))
     print("backbones:  " + ", ".join(BACKBONES.names()) + " (auto picks by input kind)")
     print("OT metrics: " + ", ".join(METRICS) + "; OT backends: " + ", ".join(BACKENDS))

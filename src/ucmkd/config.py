@@ -46,8 +46,24 @@ def _check_range(f, value: Any, path: str) -> None:
         raise ConfigError(f"{path}: expected a value {range_text(*rng)}, got {value!r}")
 
 
+def choices_of(cls: type) -> dict:
+    """``CHOICES`` of a dataclass and of its bases (field -> allowed string values)."""
+    out: dict = {}
+    for base in reversed(cls.__mro__):
+        out.update(base.__dict__.get("CHOICES", {}))
+    return out
+
+
+def _check_choice(allowed: dict, name: str, value: Any, path: str) -> None:
+    if name in allowed and value not in allowed[name]:
+        raise ConfigError(f"{path}: unknown value {value!r}; choose one of {', '.join(map(str, allowed[name]))}")
+
+
 def check_ranges(cfg: Any, path: str = "") -> None:
-    """Check every ranged field of the dataclass ``cfg`` (recursively); errors name the dotted field."""
+    """Check every ranged field and every ``CHOICES`` field of the dataclass ``cfg``
+    (recursively): the validation :func:`from_dict` does, for an object built in Python (e.g. a
+    method's ``Params(...)``). Errors name the dotted field."""
+    allowed = choices_of(type(cfg))
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         where = _join(path, f.name)
@@ -55,6 +71,7 @@ def check_ranges(cfg: Any, path: str = "") -> None:
             check_ranges(v, where)
         else:
             _check_range(f, v, where)
+            _check_choice(allowed, f.name, v, where)
 
 
 # --------------------------------------------------------------------------- sections
@@ -127,12 +144,14 @@ class DataConfig:
     split_seed: int = 0               # fixed splits: the same for every run seed
     test_frac: float = ranged(0.25, 0.0, 1.0, lo_open=True, hi_open=True)
     val_frac: float = ranged(0.2, 0.0, 1.0, lo_open=True, hi_open=True)             # carved from the training part
+    val_by: str = "auto"              # validation of datasets with groups (speakers...): groups (whole ones held out) | items | auto: groups when there are enough (docs/data.md)
     cache_dir: Optional[str] = None   # default: $UCMKD_CACHE or ~/.cache/ucmkd
     mnist1d_samples: int = ranged(4000, 10)       # size of the generated digits/signal set
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     tabular: TabularConfig = field(default_factory=TabularConfig)
     spoken: SpokenDigitsConfig = field(default_factory=SpokenDigitsConfig)
     roots: dict = field(default_factory=dict)   # dataset family -> directory, e.g. {ravdess: /data/ravdess}
+    options: dict = field(default_factory=dict)  # dataset family -> its typed options (a user dataset's ``register_dataset(options=...)``)
     av: AVConfig = field(default_factory=AVConfig)
     standardize: str = "auto"         # auto (per_feature for vectors, global otherwise) | per_feature | global | none (docs/data.md)
     storage: str = "auto"             # memory | mmap (read lazily from a memory-mapped file) | auto: mmap for files above mmap_above_mb
@@ -141,10 +160,15 @@ class DataConfig:
     prefetch: int = ranged(2, 1)      # batches each worker reads ahead
 
     CHOICES: ClassVar[dict] = {"standardize": ("auto", "per_feature", "global", "none"),
-                               "storage": ("auto", "memory", "mmap")}
+                               "storage": ("auto", "memory", "mmap"), "val_by": ("auto", "items", "groups")}
     #: fields that change how the inputs are read, never their values (left out of run keys: the
     #: data's content fingerprint is in the key)
     IO_FIELDS: ClassVar[tuple] = ("storage", "mmap_above_mb", "workers", "prefetch")
+    #: where files are, never what they hold (left out of run keys: the content fingerprints are in)
+    PATH_FIELDS: ClassVar[tuple] = ("cache_dir", "roots")
+    #: the sections one dataset family reads (``register_dataset(reads=...)``): a run's key holds
+    #: those of its two datasets only (the others at their defaults)
+    SECTIONS: ClassVar[tuple] = ("mnist1d_samples", "synthetic", "tabular", "spoken", "av")
 
 
 @dataclass
@@ -255,20 +279,26 @@ class RunConfig:
     # key=value overrides, ``from_dict``); see docs/reproduction.md
     recipe: Optional[str] = None
 
+    #: the recipe layer (:mod:`ucmkd.recipes`, which registers itself here: recipes sit above the
+    #: config and the methods they validate): ``check(name)`` and ``expand(data, path)``
+    RECIPES: ClassVar[dict] = {}
+
     def __post_init__(self):
         if self.recipe is not None:
-            from .recipes import load_recipe
-
-            load_recipe(self.recipe)   # unknown names are an error listing the known ones
+            self._recipes()["check"](self.recipe)   # unknown names are an error listing the known ones
 
     @classmethod
     def expand(cls, data: dict, path: str) -> dict:
         """Fill in ``data``'s recipe (if it names one) under its own values."""
         if not isinstance(data, dict) or data.get("recipe") is None:
             return data
-        from .recipes import expand_recipe
+        return cls._recipes()["expand"](data, path)
 
-        return expand_recipe(data, path)
+    @classmethod
+    def _recipes(cls) -> dict:
+        if not cls.RECIPES:     # importing any ucmkd module imports the package, which loads the recipes
+            raise ConfigError("recipes are not loaded yet (a config with a recipe built while ucmkd is imported)")
+        return cls.RECIPES
 
 
 @dataclass
@@ -411,10 +441,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         if f.name in data:
             kwargs[f.name] = _coerce(data[f.name], hints[f.name], _join(path, f.name))
             _check_range(f, kwargs[f.name], _join(path, f.name))
-    for name, allowed in getattr(cls, "CHOICES", {}).items():   # string fields with a fixed set of values
-        if name in kwargs and kwargs[name] not in allowed:
-            raise ConfigError(f"{_join(path, name)}: unknown value {kwargs[name]!r}; choose one of "
-                              f"{', '.join(allowed)}")
+    allowed = choices_of(cls)   # string fields with a fixed set of values
+    for name, value in kwargs.items():
+        _check_choice(allowed, name, value, _join(path, name))
     return cls(**kwargs)
 
 

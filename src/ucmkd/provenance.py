@@ -22,7 +22,7 @@ LOCK_FILE = "requirements.lock"
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """``ucmkd <version>`` plus the git commit (and ``-dirty``) when run from a checkout."""
-    from . import __version__
+    from ._version import __version__
 
     here = Path(__file__).resolve().parent
     try:

@@ -446,7 +446,7 @@ def _register(family: str, modality: str) -> None:
     builder.__doc__ = (f"{layout.title} {modality}: {shape} from data.roots.{family} "
                        f"(layout: docs/datasets.md); paired with {family}/"
                        f"{'visual' if modality == 'audio' else 'audio'} by clip.")
-    register_dataset(f"{family}/{modality}")(builder)
+    register_dataset(f"{family}/{modality}", reads=("av",))(builder)   # and data.roots (a path: unkeyed)
 
 
 for _family in LAYOUTS:

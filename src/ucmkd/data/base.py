@@ -34,8 +34,10 @@ class RawModality:
     pair_id: optional int array [N]; items of two modalities with equal pair_id are true pairs.
     split: optional str array [N] of "train"/"val"/"test": the dataset's own split (e.g. its
         train/test lists); validation is carved from "train" when no item is "val".
-    groups: optional array [N] of group ids (e.g. speaker/voice): whole groups are held out
-        for the test split (group-independent evaluation); validation is carved from the rest.
+    groups: optional array [N] of group ids, ints or strings (e.g. speaker/voice): without
+        ``split``, whole groups are held out for the test split (group-independent evaluation);
+        validation is carved from the rest by ``data.val_by`` (whole groups too by default;
+        :func:`make_splits`).
     fingerprint: optional JSON-able dict of what determines the items besides the arrays'
         content (generation recipe, files and options). It joins the content hash in
         :attr:`ModalityData.fingerprint`, which keys cached teachers and runs.
@@ -69,7 +71,8 @@ class ModalityData:
             and ``norm_std``: floats, or lists [F] for ``per_feature``).
         y: int64 tensor [N].
         classes: class names, index = label.
-        splits: ``{"train", "val", "test"}`` -> int64 index tensors into x/y.
+        splits: ``{"train", "val", "test"}`` -> int64 index tensors into x/y (``meta["val_by"]``:
+            how validation was made, ``split``, ``groups`` or ``items``; :func:`make_splits`).
         pair_id: int64 [N] or None.
         fingerprint: what identifies the content (:func:`data_fingerprint`; computed on first
             use, so an in-place edit of ``x`` after that is not seen).
@@ -156,11 +159,76 @@ def data_fingerprint(data: ModalityData) -> dict:
 
 DatasetBuilder = Callable[[DataConfig], RawModality]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+#: dataset name -> the sections of :class:`DataConfig` its builder reads (``DataConfig.SECTIONS``,
+#: e.g. ``("spoken",)``); None: not declared, so every section keys its runs
+DATASET_READS: dict = {}
+#: dataset family (the name before "/") -> the dataclass of its typed options (``data.options.<family>``)
+DATASET_OPTIONS: dict = {}
 
 
-def register_dataset(name: str):
-    """Decorator: register ``builder(cfg: DataConfig) -> RawModality`` under ``name``."""
-    return DATASETS.register(name)
+def family(name: str) -> str:
+    """``"fsdd/audio"`` -> ``"fsdd"``; a file spec (``npz:PATH``) is its own family."""
+    return name.split(":", 1)[0] if ":" in name else name.split("/", 1)[0]
+
+
+def register_dataset(name: str, reads: Optional[tuple] = None, options: Optional[type] = None):
+    """Decorator: register ``builder(cfg: DataConfig) -> RawModality`` under ``name``.
+
+    reads: the :class:`DataConfig` sections the builder reads besides the shared split and
+        standardisation fields (``("spoken",)``; ``()``: none), so that the sections of datasets
+        a run does not use stay out of its key. Undeclared (None, and no ``options``): every
+        section and every ``data.options`` entry keys the runs that use it.
+    options: a dataclass of the family's own typed options, given as ``data.options.<family>``
+        (validated like every config section, errors naming ``data.options.<family>.<field>``)
+        and read by the builder with :func:`dataset_options`.
+    """
+    def deco(builder: DatasetBuilder) -> DatasetBuilder:
+        DATASETS.register(name)(builder)
+        DATASET_READS[name] = tuple(reads or ()) if (reads is not None or options is not None) else None
+        if options is not None:
+            DATASET_OPTIONS[family(name)] = options
+        return builder
+
+    return deco
+
+
+def dataset_options(cfg: DataConfig, name: str):
+    """The typed options of dataset ``name`` (its family's ``options`` dataclass, registered with
+    :func:`register_dataset`) from ``cfg.options[<family>]``, validated."""
+    from ..config import from_dict
+
+    fam = family(name)
+    if fam not in DATASET_OPTIONS:
+        raise ConfigError(f"data.options.{fam}: dataset {name!r} declares no options")
+    return from_dict(DATASET_OPTIONS[fam], cfg.options.get(fam) or {}, f"data.options.{fam}")
+
+
+#: file-spec schemes (``npz:PATH``): scheme -> (loader(path, cfg) -> RawModality, the sections it reads)
+SCHEMES: dict = {}
+
+
+def register_scheme(scheme: str, reads: tuple = ()):
+    """Decorator: datasets named ``<scheme>:PATH`` are built by ``loader(path: str, cfg:
+    DataConfig) -> RawModality``; ``reads``: as for :func:`register_dataset`."""
+    def deco(loader: Callable[[str, DataConfig], RawModality]):
+        if scheme in SCHEMES:
+            raise ConfigError(f"dataset scheme {scheme!r} is registered twice")
+        SCHEMES[scheme] = (loader, tuple(reads))
+        return loader
+
+    return deco
+
+
+def _scheme(name: str) -> Optional[tuple]:
+    scheme, sep, _ = name.partition(":")
+    return SCHEMES.get(scheme) if sep else None
+
+
+def dataset_reads(name: str) -> Optional[tuple]:
+    """The :class:`DataConfig` sections dataset ``name`` reads (see :func:`register_dataset`);
+    None when unknown (an undeclared or unregistered dataset)."""
+    spec = _scheme(name)
+    return spec[1] if spec is not None else DATASET_READS.get(name)
 
 
 def cache_dir(cfg: DataConfig | None = None) -> Path:
@@ -173,49 +241,108 @@ def cache_dir(cfg: DataConfig | None = None) -> Path:
     return p
 
 
+SPLIT_NAMES = ("train", "val", "test")
+#: how validation is carved from the training part (``data.val_by``; :func:`make_splits`)
+VAL_BY = DataConfig.CHOICES["val_by"]
+
+
+def split_names(split, where: str) -> np.ndarray:
+    """``split`` as a str array [N], every value one of :data:`SPLIT_NAMES` (else a DataError
+    naming ``where`` and the first unknown value)."""
+    split = np.asarray(split).astype(str)
+    bad = sorted(set(split.tolist()) - set(SPLIT_NAMES))
+    if bad:
+        raise DataError(f"{where}: unknown split name {bad[0]!r}; expected train, val or test")
+    return split
+
+
 def make_splits(y: np.ndarray, test_frac: float, val_frac: float, seed: int,
                 split: Optional[np.ndarray] = None, groups: Optional[np.ndarray] = None,
-                where: str = "dataset") -> dict:
-    """Seeded train/val/test index split; validation is always carved from training data.
+                where: str = "dataset", val_by: str = "auto") -> dict:
+    """Seeded train/val/test index split ``{"train", "val", "test"}`` -> sorted int64 tensors.
 
+    Test:
     - ``split`` given: the dataset's own train/test (and val, if any) assignment is kept;
     - ``groups`` given: a seeded ~``test_frac`` share of the groups is held out as test;
     - otherwise: a stratified random split.
+
+    Validation: the dataset's own "val" items if ``split`` has any; otherwise carved from the
+    training part, by ``val_by`` (:data:`VAL_BY`): ``groups`` holds out a seeded ~``val_frac``
+    share of the training part's groups whole (at least one, leaving at least one; with ``split``
+    and ``groups``, from the split's "train" items), ``items`` a seeded share of its items
+    (stratified when every class can appear in both parts), ``auto`` groups when there are group
+    ids and enough of them (3, or 2 in a ``split``'s train part), else items.
     """
+    return _make_splits(y, test_frac, val_frac, seed, split, groups, where, val_by)[0]
+
+
+def _make_splits(y, test_frac, val_frac, seed, split, groups, where, val_by) -> tuple[dict, str]:
+    """:func:`make_splits`, and how validation was made: ``split``, ``groups`` or ``items``."""
     for name, v in (("data.test_frac", test_frac), ("data.val_frac", val_frac)):
         if not 0.0 < v < 1.0:
             raise DataError(f"{name} must be in (0, 1), got {v}")
+    if val_by not in VAL_BY:
+        raise ConfigError(f"data.val_by: unknown value {val_by!r}; choose one of {', '.join(VAL_BY)}")
     idx = np.arange(len(y))
     if split is not None:
-        split = np.asarray(split).astype(str)
-        bad = sorted(set(split) - {"train", "val", "test"})
-        if bad:
-            raise DataError(f"{where}: unknown split name {str(bad[0])!r}; expected train, val or test")
+        split = split_names(split, where)
+        if (split == "val").any():             # the dataset's own validation split wins
+            return _as_splits(idx[split == "train"], idx[split == "val"], idx[split == "test"]), "split"
+    by_groups = _val_by_groups(val_by, groups, split, where)
+    if split is not None:
         trval, test = idx[split != "test"], idx[split == "test"]
-        if (split == "val").any():
-            train, val = idx[split == "train"], idx[split == "val"]
-            trval = None
     elif groups is not None:
-        ids = np.unique(groups)
-        if len(ids) < 2:
-            raise DataError(f"{where}: group-held-out splits need at least 2 groups, got {len(ids)}")
-        rng = np.random.default_rng(seed)
-        n_test = min(len(ids) - 1, max(1, int(round(test_frac * len(ids)))))
-        test_ids = rng.choice(ids, size=n_test, replace=False)
-        is_test = np.isin(groups, test_ids)
+        # val by groups keeps two groups out of the test (one for validation, one for training)
+        is_test = np.isin(groups, _held_out_groups(groups, test_frac, seed, keep=2 if by_groups else 1, where=where))
         trval, test = idx[~is_test], idx[is_test]
     else:
         trval, test = train_test_split(idx, test_size=test_frac, random_state=seed, stratify=y)
-    if trval is not None:
-        if len(trval) < 2 or len(test) == 0:
-            raise DataError(f"{where}: the split leaves {len(trval)} training and {len(test)} test items")
-        counts = np.bincount(y[trval])
-        n_val = int(np.ceil(val_frac * len(trval)))
-        # stratify when every class can appear in both parts; tiny sets fall back to random
-        strat = y[trval] if counts[counts > 0].min() >= 2 and n_val >= (counts > 0).sum() else None
-        train, val = train_test_split(trval, test_size=val_frac, random_state=seed + 1, stratify=strat)
-    return {k: torch.as_tensor(np.sort(v), dtype=torch.long)
-            for k, v in (("train", train), ("val", val), ("test", test))}
+    if len(trval) < 2 or len(test) == 0:
+        raise DataError(f"{where}: the split leaves {len(trval)} training and {len(test)} test items")
+    if by_groups:
+        is_val = np.isin(groups[trval], _held_out_groups(groups[trval], val_frac, seed + 1, keep=1, where=where))
+        return _as_splits(trval[~is_val], trval[is_val], test), "groups"
+    counts = np.bincount(y[trval])
+    n_val = int(np.ceil(val_frac * len(trval)))
+    # stratify when every class can appear in both parts; tiny sets fall back to random
+    strat = y[trval] if counts[counts > 0].min() >= 2 and n_val >= (counts > 0).sum() else None
+    train, val = train_test_split(trval, test_size=val_frac, random_state=seed + 1, stratify=strat)
+    return _as_splits(train, val, test), "items"
+
+
+def _val_by_groups(val_by: str, groups, split, where: str) -> bool:
+    """Whether validation is made of whole groups (``val_by`` resolved; see :func:`make_splits`):
+    groups need one for validation and one for training, plus one for the test unless ``split``
+    names the test items."""
+    if val_by == "items":
+        return False
+    if groups is None:
+        if val_by == "groups":
+            raise DataError(f"{where}: data.val_by=groups needs group ids (the dataset's 'groups'), but it has none; "
+                            f"use data.val_by=items or auto")
+        return False
+    pool = groups if split is None else groups[split == "train"]
+    n, need = len(np.unique(pool)), (3 if split is None else 2)
+    if n >= need:
+        return True
+    if val_by == "groups":
+        part = "test, validation and training" if split is None else "validation and training (in its 'train' split)"
+        raise DataError(f"{where}: data.val_by=groups needs at least {need} groups, one each for {part}, "
+                        f"got {n}; use data.val_by=items or auto")
+    return False
+
+
+def _held_out_groups(groups: np.ndarray, frac: float, seed: int, keep: int, where: str) -> np.ndarray:
+    """A seeded ~``frac`` share of the distinct ``groups`` (at least one, leaving ``keep``)."""
+    ids = np.unique(groups)
+    if len(ids) < 1 + keep:
+        raise DataError(f"{where}: group-held-out splits need at least {1 + keep} groups, got {len(ids)}")
+    n = min(len(ids) - keep, max(1, int(round(frac * len(ids)))))
+    return np.random.default_rng(seed).choice(ids, size=n, replace=False)
+
+
+def _as_splits(train, val, test) -> dict:
+    return {k: torch.as_tensor(np.sort(v), dtype=torch.long) for k, v in (("train", train), ("val", val), ("test", test))}
 
 
 def validate_raw(raw: RawModality, name: str, check_values: bool = True) -> None:
@@ -257,7 +384,8 @@ def reads_lazily(x, cfg: DataConfig) -> bool:
 
 
 def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
-    """Validate, split (seeded, stratified), and standardise with train-split statistics
+    """Validate, split (seeded, stratified; :func:`make_splits`, ``meta["val_by"]``: how the
+    validation split was made, ``split``, ``groups`` or ``items``), and standardise with train-split statistics
     (``cfg.standardize``, :mod:`ucmkd.data.standardize`); in memory, or read lazily from a
     memory-mapped file (``cfg.storage``, :func:`reads_lazily`)."""
     where = raw.source or name
@@ -270,7 +398,8 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     if owned:
         raw = dataclasses.replace(raw, x=read_whole(raw.x))          # a file read whole into memory
     validate_raw(raw, name, check_values=not lazy)
-    splits = make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed, raw.split, raw.groups, where=where)
+    splits, val_by = _make_splits(raw.y, cfg.test_frac, cfg.val_frac, cfg.split_seed, raw.split, raw.groups,
+                                  where, cfg.val_by)
     if lazy:
         src = raw.x if is_file_backed(raw.x) else _array_file(raw, name, cfg)
         st = _lazy_standardizer(src, splits["train"].numpy(), mode, name, cfg, where)
@@ -289,7 +418,8 @@ def finalize(raw: RawModality, name: str, cfg: DataConfig) -> ModalityData:
     pid = None if raw.pair_id is None else torch.tensor(raw.pair_id, dtype=torch.long)
     return ModalityData(name=name, kind=raw.kind, x=x, y=torch.tensor(raw.y, dtype=torch.long),
                         classes=list(raw.classes), splits=splits, pair_id=pid, source=raw.source,
-                        meta={**_norm_meta(st), "fingerprint": dict(raw.fingerprint)}, augment=raw.augment)
+                        meta={**_norm_meta(st), "fingerprint": dict(raw.fingerprint), "val_by": val_by},
+                        augment=raw.augment)
 
 
 def _norm_meta(st: Standardizer) -> dict:
@@ -346,14 +476,15 @@ def _lazy_standardizer(src: np.memmap, train: np.ndarray, mode: str, name: str, 
 
 
 def load_modality(name: str, cfg: DataConfig | None = None) -> ModalityData:
-    """Build modality ``name`` (a registered name, or ``npz:PATH``) with fixed splits."""
+    """Build modality ``name`` (a registered name, or a file spec such as ``npz:PATH``,
+    :func:`register_scheme`) with fixed splits."""
     cfg = cfg or DataConfig()
-    if name.startswith("npz:"):
-        from .npz import load_npz
-
-        raw = load_npz(name[4:])
-    else:
-        raw = DATASETS.get(name)(cfg)
+    for fam in cfg.options:
+        if fam not in DATASET_OPTIONS:
+            raise ConfigError(f"data.options.{fam}: no registered dataset family {fam!r} declares options "
+                              f"(families with options: {', '.join(sorted(DATASET_OPTIONS)) or 'none'})")
+    spec = _scheme(name)
+    raw = spec[0](name.partition(":")[2], cfg) if spec is not None else DATASETS.get(name)(cfg)
     return finalize(raw, name, cfg)
 
 

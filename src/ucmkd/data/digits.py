@@ -14,7 +14,7 @@ from .base import RawModality, cache_dir, register_dataset
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
 
-@register_dataset("digits/image")
+@register_dataset("digits/image", reads=())
 def digits_image(cfg: DataConfig) -> RawModality:
     """scikit-learn ``load_digits``: 1,797 grayscale 8x8 images, x [N, 1, 8, 8] in [0, 16]."""
     from sklearn.datasets import load_digits
@@ -29,7 +29,7 @@ def mnist1d_cache_path(cfg: DataConfig):
     return cache_dir(cfg) / f"mnist1d_n{cfg.mnist1d_samples}_seed42.pkl"
 
 
-@register_dataset("digits/signal")
+@register_dataset("digits/signal", reads=("mnist1d_samples",))
 def digits_signal(cfg: DataConfig) -> RawModality:
     """mnist1d signals (length 40, 10 classes), generated offline and cached; x [N, 1, 40]."""
     path = mnist1d_cache_path(cfg)

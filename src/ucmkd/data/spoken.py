@@ -632,7 +632,7 @@ def load_spoken_digits(cfg: SpokenDigitsConfig, cache: Path, engine: ESpeakNG | 
                         seconds={"synthesis": synth_s, "spectrograms": spec_s})
 
 
-@register_dataset("spoken-digits/audio")
+@register_dataset("spoken-digits/audio", reads=("spoken",))
 def spoken_digits_audio(cfg: DataConfig) -> RawModality:
     """Spoken digits (eSpeak NG, offline): log-mel x [N, 1, n_mels, T]; groups = speaker
     (``voice+variant``), so test speakers are never seen in training. Stored as ``image``,

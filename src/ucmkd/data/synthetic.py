@@ -53,7 +53,7 @@ def _classes(cfg: SyntheticConfig) -> list:
     return [f"c{i}" for i in range(cfg.num_classes)]
 
 
-@register_dataset("synthetic/a")
+@register_dataset("synthetic/a", reads=("synthetic",))
 def synthetic_a(cfg: DataConfig) -> RawModality:
     a, _, y = _views(cfg.synthetic)
     return RawModality(x=a, y=y, classes=_classes(cfg.synthetic), kind="vector",
@@ -61,7 +61,7 @@ def synthetic_a(cfg: DataConfig) -> RawModality:
                        fingerprint={"synthetic": asdict(cfg.synthetic)})
 
 
-@register_dataset("synthetic/b")
+@register_dataset("synthetic/b", reads=("synthetic",))
 def synthetic_b(cfg: DataConfig) -> RawModality:
     _, b, y = _views(cfg.synthetic)
     return RawModality(x=b, y=y, classes=_classes(cfg.synthetic), kind="vector",

@@ -88,11 +88,11 @@ def _raw(cfg: DataConfig, view: int, name: str) -> RawModality:
                        pair_id=np.arange(len(y)), source=name, fingerprint={"tabular": asdict(cfg.tabular)})
 
 
-@register_dataset("tabular/a")
+@register_dataset("tabular/a", reads=("tabular",))
 def tabular_a(cfg: DataConfig) -> RawModality:
     return _raw(cfg, 0, "tabular/a")
 
 
-@register_dataset("tabular/b")
+@register_dataset("tabular/b", reads=("tabular",))
 def tabular_b(cfg: DataConfig) -> RawModality:
     return _raw(cfg, 1, "tabular/b")

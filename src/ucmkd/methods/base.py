@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import from_dict
+from ..config import check_ranges, from_dict
 from ..data.pairing import Batch
 from ..errors import ConfigError, DataError
 from ..models import Classifier, make_projector
@@ -103,6 +103,7 @@ class Distiller(nn.Module):
             teacher.requires_grad_(False)
             teacher.eval()
         self.params = params if params is not None else self.Params()
+        check_ranges(self.params, "method.params")    # Params built in Python skip from_dict's checks
         self.progress = 0.0   # fraction of training done, in [0, 1); set by the trainer each epoch
         self.extra = nn.ModuleDict()
         self.teacher_outputs = None   # see use_teacher_outputs
@@ -186,6 +187,13 @@ class Distiller(nn.Module):
     def project(self, z: torch.Tensor) -> torch.Tensor:
         """Student features [B, d_s] -> teacher feature space [B, d_t]."""
         return self.extra["projector"](z) if "projector" in self.extra else z
+
+    def feature_map(self) -> Optional[nn.Module]:
+        """The module this run learned that maps student features [B, d_s] into the teacher's
+        feature space [B, d_t] (the projector), or None (features compared as they are). The
+        alignment diagnostics, the feature plot and export read it; a method with another map
+        overrides this."""
+        return self.extra["projector"] if "projector" in self.extra else None
 
     def use_teacher_outputs(self, outputs) -> None:
         """Serve the frozen teacher's outputs from ``outputs`` (a

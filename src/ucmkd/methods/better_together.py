@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import ranged
 from ..errors import ConfigError, DataError
 from .base import DistillOutput, Distiller, register_method
 
@@ -30,14 +31,11 @@ class BetterTogether(Distiller):
 
     @dataclass
     class Params:
-        w_other: float = 1.0        # weight of the CE on the teacher-modality labelled batch
+        w_other: float = ranged(1.0, 0.0)   # weight of the CE on the teacher-modality labelled batch
         share_trunk: bool = True    # equal input shapes: one encoder for both modalities
 
     def __init__(self, student, teacher=None, params=None):
         super().__init__(student, teacher, params)
-        w = self.params.w_other
-        if not w >= 0:             # also rejects NaN
-            raise ConfigError(f"method 'better-together': method.params.w_other must be a number >= 0, got {w!r}")
         self.other_shape = None        # input shape of the teacher modality, set by attach_other_modality
 
     def attach_other_modality(self, model) -> None:

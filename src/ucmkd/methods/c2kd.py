@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ranged
 from ..errors import ConfigError
 from ..losses.c2kd import drop_target, kendall_tau, selected_kl, selection_mask
 from .base import DistillOutput, Distiller, register_method
@@ -67,17 +68,12 @@ class C2KD(Distiller):
 
     @dataclass
     class Params:
-        temperature: float = 4.0   # T of every KL term (each scaled by T^2)
-        krc: float = 0.0           # keep a sample when Kendall tau > krc; krc <= -1 keeps all
+        temperature: float = ranged(4.0, 0.0, lo_open=True)   # T of every KL term (each scaled by T^2)
+        krc: float = ranged(0.0, hi=1.0)   # keep a sample when Kendall tau > krc; krc <= -1 keeps all
         weight: float = 1.0        # weight of the bidirectional proxy terms kd_t2s, kd_s2t
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
-        p = self.params
-        if p.temperature <= 0:
-            raise ConfigError(f"method.params.temperature must be > 0, got {p.temperature}")
-        if not p.krc <= 1.0:
-            raise ConfigError(f"method.params.krc must be <= 1 (Kendall tau lies in [-1, 1]), got {p.krc}")
         if student.num_classes != teacher.num_classes:
             raise ConfigError(f"c2kd: student ({student.num_classes} classes) and teacher "
                               f"({teacher.num_classes} classes) must share one label space")

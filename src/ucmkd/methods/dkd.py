@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..config import ranged
 from ..losses.dkd import dkd_terms
 from .base import DistillOutput, Distiller, register_method
 
@@ -25,16 +25,11 @@ class DKD(Distiller):
     class Params:
         alpha: float = 1.0          # weight of the target-class term (TCKD)
         beta: float = 8.0           # weight of the non-target-class term (NCKD)
-        temperature: float = 4.0
-        warmup: float = 0.1         # fraction of training over which the KD weight ramps 0 -> 1
+        temperature: float = ranged(4.0, 0.0, lo_open=True)
+        warmup: float = ranged(0.1, 0.0, 1.0)   # fraction of training over which the KD weight ramps 0 -> 1
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
-        p = self.params
-        if not p.temperature > 0:
-            raise ConfigError(f"method 'dkd': temperature must be > 0, got {p.temperature}")
-        if not 0.0 <= p.warmup <= 1.0:
-            raise ConfigError(f"method 'dkd': warmup must be a fraction of training in [0, 1], got {p.warmup}")
 
     def kd_weight(self) -> float:
         w = self.params.warmup

@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ranged
 from ..engine import distributed
 from ..errors import NumericalError
-from ..losses.ot import FeatureAlignmentLoss, cost_matrix, plan_cost, sinkhorn_plan
+from ..losses.ot import BACKENDS, GRADS, METRICS, FeatureAlignmentLoss, cost_matrix, plan_cost, sinkhorn_plan
 from .base import DistillOutput, Distiller, register_method
 
 
 @dataclass
 class OTParams:
     metric: str = "cosine"      # cosine | chordal | l2 | l1
-    eps: float = 0.1            # entropic regularisation
-    n_iter: int = 100           # Sinkhorn iterations
+    eps: float = ranged(0.1, 0.0, lo_open=True)   # entropic regularisation
+    n_iter: int = ranged(100, 1)   # Sinkhorn iterations
     backend: str = "fused"      # fused (POT's iterates and stopping rule, faster; tested against POT) | pot (ot.sinkhorn2, the authors' call) | torch (log-domain) | geomloss
     # autodiff: gradient of the transport cost <P, C> through the Sinkhorn iterations (the
     # authors'; the paper methods keep it unless a recipe says otherwise) | envelope (alias
@@ -24,6 +26,8 @@ class OTParams:
     # (envelope theorem), not of <P, C>: cheaper, 21-28 % away from autodiff on clustered
     # features (docs/ot.md), 38-90 % in an independent check on other features
     grad: str = "autodiff"
+
+    CHOICES: ClassVar[dict] = {"metric": METRICS, "backend": BACKENDS, "grad": GRADS}
 
 
 class FullPrecisionFA(FeatureAlignmentLoss):

@@ -11,26 +11,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..config import ranged
 from ..losses.semi import fixmatch_unlabelled_loss, ramp
 from .base import DistillOutput, Distiller, register_method
 
 
 @dataclass
 class FixMatchParams:
-    threshold: float = 0.95    # tau: confidence needed for a pseudo-label
-    w_u: float = 1.0           # lambda_u: weight of the unlabelled loss
-    warmup: float = 0.0        # fraction of training over which w_u ramps 0 -> 1 (the paper: none)
-
-
-def check_params(name: str, p) -> None:
-    if not 0.0 <= p.threshold <= 1.0:
-        raise ConfigError(f"method {name!r}: method.params.threshold must be in [0, 1], got {p.threshold}")
-    if p.w_u < 0:
-        raise ConfigError(f"method {name!r}: method.params.w_u must be >= 0, got {p.w_u}")
-    if not 0.0 <= p.warmup <= 1.0:
-        raise ConfigError(f"method {name!r}: method.params.warmup must be a fraction of training in [0, 1], "
-                          f"got {p.warmup}")
+    threshold: float = ranged(0.95, 0.0, 1.0)   # tau: confidence needed for a pseudo-label
+    w_u: float = ranged(1.0, 0.0)   # lambda_u: weight of the unlabelled loss
+    warmup: float = ranged(0.0, 0.0, 1.0)   # fraction of training over which w_u ramps 0 -> 1 (the paper: none)
 
 
 def views_forward(d: Distiller, batch):
@@ -59,10 +49,6 @@ class FixMatch(Distiller):
     uses_augmentation = True
     labelled_augment = "weak"
     Params = FixMatchParams
-
-    def __init__(self, student, teacher=None, params=None):
-        super().__init__(student, teacher, params)
-        check_params(self.name, self.params)
 
     def forward(self, batch):
         p = self.params

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..config import ranged
 from ..losses.semi import FreeMatchThreshold, freematch_fairness, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
 from .fixmatch import views_forward
@@ -22,10 +22,10 @@ from .fixmatch import views_forward
 
 @dataclass
 class FreeMatchParams:
-    w_u: float = 1.0           # lambda_u
-    w_f: float = 0.01          # lambda_f: weight of the self-adaptive fairness term (the paper's 0.01)
-    momentum: float = 0.999    # EMA momentum of the thresholds
-    warmup: float = 0.0        # fraction of training over which w_u and w_f ramp 0 -> 1
+    w_u: float = ranged(1.0, 0.0)   # lambda_u
+    w_f: float = ranged(0.01, 0.0)   # lambda_f: weight of the self-adaptive fairness term (the paper's 0.01)
+    momentum: float = ranged(0.999, 0.0, 1.0, hi_open=True)   # EMA momentum of the thresholds
+    warmup: float = ranged(0.0, 0.0, 1.0)   # fraction of training over which w_u and w_f ramp 0 -> 1
 
 
 @register_method("freematch")
@@ -44,15 +44,7 @@ class FreeMatch(Distiller):
 
     def __init__(self, student, teacher=None, params=None):
         super().__init__(student, teacher, params)
-        p = self.params
-        for field in ("w_u", "w_f"):
-            if getattr(p, field) < 0:
-                raise ConfigError(f"method {self.name!r}: method.params.{field} must be >= 0, got {getattr(p, field)}")
-        if not 0.0 <= p.momentum < 1.0:
-            raise ConfigError(f"method {self.name!r}: method.params.momentum must be in [0, 1), got {p.momentum}")
-        if not 0.0 <= p.warmup <= 1.0:
-            raise ConfigError(f"method {self.name!r}: method.params.warmup must be in [0, 1], got {p.warmup}")
-        self.extra["threshold"] = FreeMatchThreshold(student.num_classes, p.momentum)
+        self.extra["threshold"] = FreeMatchThreshold(student.num_classes, self.params.momentum)
 
     def forward(self, batch):
         p = self.params

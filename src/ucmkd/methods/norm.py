@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..config import ranged
 from ..losses.feature_regression import norm_loss
 from .base import DistillOutput, Distiller, register_method
 
@@ -22,13 +22,11 @@ class NORM(Distiller):
 
     @dataclass
     class Params:
-        n: int = 4            # N: expansion factor (number of student segments per teacher feature)
+        n: int = ranged(4, 1)   # N: expansion factor (number of student segments per teacher feature)
         weight: float = 1.0   # weight of the N-to-one matching loss
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
-        if self.params.n < 1:
-            raise ConfigError(f"method 'norm': n must be >= 1, got {self.params.n}")
         self.extra["expander"] = nn.Linear(student.feat_dim, self.params.n * teacher.feat_dim)
 
     def forward(self, batch):

@@ -10,25 +10,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..config import ranged
 from ..losses.semi import confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
 
 
 @dataclass
 class SemiParams:
-    w_u: float = 1.0            # weight of the pseudo-label loss on unlabelled items
-    threshold: float = 0.95     # confidence needed for a pseudo-label
-    warmup: float = 0.1         # fraction of training over which the unlabelled weight ramps 0 -> 1
-
-
-def check_semi(name: str, p) -> None:
-    if not 0.0 <= p.threshold <= 1.0:
-        raise ConfigError(f"method {name!r}: threshold must be in [0, 1], got {p.threshold}")
-    if not 0.0 <= p.warmup <= 1.0:
-        raise ConfigError(f"method {name!r}: warmup must be a fraction of training in [0, 1], got {p.warmup}")
-    if p.w_u < 0:
-        raise ConfigError(f"method {name!r}: w_u must be >= 0, got {p.w_u}")
+    w_u: float = ranged(1.0, 0.0)   # weight of the pseudo-label loss on unlabelled items
+    threshold: float = ranged(0.95, 0.0, 1.0)   # confidence needed for a pseudo-label
+    warmup: float = ranged(0.1, 0.0, 1.0)   # fraction of training over which the unlabelled weight ramps 0 -> 1
 
 
 def split_forward(student, xs: torch.Tensor, xu: torch.Tensor):
@@ -51,10 +42,6 @@ class PseudoLabel(Distiller):
     uses_teacher = False
     uses_unlabelled = True
     Params = SemiParams
-
-    def __init__(self, student, teacher=None, params=None):
-        super().__init__(student, teacher, params)
-        check_semi(self.name, self.params)
 
     def forward(self, batch):
         p = self.params

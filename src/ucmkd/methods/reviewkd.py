@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ranged
 from ..errors import ConfigError, DataError
 from ..losses.reviewkd import hcl
 from ..models import Encoder
@@ -108,16 +109,12 @@ class ReviewKD(Distiller):
     @dataclass
     class Params:
         weight: float = 1.0        # weight of the HCL term (ReviewKD's CIFAR default 1.0)
-        mid_channels: int = 32     # ABF fusion width
-        warmup: float = 0.1        # fraction of training over which the HCL weight ramps 0 -> 1
+        mid_channels: int = ranged(32, 1)   # ABF fusion width
+        warmup: float = ranged(0.1, 0.0)   # fraction of training over which the HCL weight ramps 0 -> 1
 
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
         p = self.params
-        if p.mid_channels < 1:
-            raise ConfigError(f"method.params.mid_channels must be >= 1, got {p.mid_channels}")
-        if p.warmup < 0:
-            raise ConfigError(f"method.params.warmup must be >= 0, got {p.warmup}")
         s_shapes = probe_stages(student, "student")
         t_shapes = probe_stages(teacher, "teacher")
         self.n_pairs = n = min(len(s_shapes), len(t_shapes))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from torch import nn
 
 from ..augment import LEVELS
 from ..engine import distributed
+from ..config import ranged
 from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
 from ..losses.kd import kd_kl
@@ -51,7 +53,7 @@ from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
 from .fa_only import OTParams, make_fa
-from .pseudo_label import SemiParams, check_semi, split_forward
+from .pseudo_label import SemiParams, split_forward
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -73,31 +75,34 @@ class UCMKD(Distiller):
 
     @dataclass
     class Params(SemiParams, OTParams):
-        threshold: float = 0.5      # lowest pseudo-label confidence the calibration may choose
+        threshold: float = ranged(0.5, 0.0, 1.0)   # lowest pseudo-label confidence the calibration may choose
         grad: str = "envelope"      # OT gradient with the plan held fixed (docs/ot.md): ucmkd's design choice
-        w_kd: float = 1.0           # class-level decoupled KD on the student head
-        kd_alpha: float = 1.0       # TCKD weight inside the KD term
-        kd_beta: float = 2.0        # NCKD weight inside the KD term (8 in DKD's paper; 2 chosen on validation seeds)
-        temperature: float = 4.0
+        w_kd: float = ranged(1.0, 0.0)   # class-level decoupled KD on the student head
+        kd_alpha: float = ranged(1.0, 0.0)   # TCKD weight inside the KD term
+        kd_beta: float = ranged(2.0, 0.0)   # NCKD weight inside the KD term (8 in DKD's paper; 2 chosen on validation seeds)
+        temperature: float = ranged(4.0, 0.0, lo_open=True)
         kd_loss: str = "dkd"        # dkd: kd_alpha * TCKD + kd_beta * NCKD | kl: Hinton's T^2 KL
         kd_target: str = "item"     # item: a same-class teacher item of the batch | mean: class-mean logits
-        w_la: float = 1.0           # CE of the frozen teacher head on (projected) student features
-        w_fa: float = 1.0           # label-aware OT between student and teacher features
-        label_cost: float = 1.0     # OT cost added across classes (cosine cost is in [0, 2])
+        w_la: float = ranged(1.0, 0.0)   # CE of the frozen teacher head on (projected) student features
+        w_fa: float = ranged(1.0, 0.0)   # label-aware OT between student and teacher features
+        label_cost: float = ranged(1.0, 0.0)   # OT cost added across classes (cosine cost is in [0, 2])
         unlabelled: bool = True     # use the student's unlabelled items (pseudo-labels)
         teacher_vote: bool = True   # pseudo-labels average the student and teacher heads
         fallback: bool = True       # validation-gated fallback to a plain-CE shadow
-        momentum: float = 0.99      # teacher class-mean EMA (per item)
+        momentum: float = ranged(0.99, 0.0, 1.0, hi_open=True)   # teacher class-mean EMA (per item)
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
-        precision: float = 0.95     # > 0: threshold recalibrated each epoch to reach this validation precision
-        calib_items: int = 1024     # validation items the per-epoch calibration looks at (a fixed sample)
-        gate_z: float = 0.5         # fall back when the shadow validates better by > gate_z standard errors
-        retire_after: float = 0.2   # the CE shadow may retire once this fraction of training is done ...
-        retire_z: float = 3.0       # ... when the student leads it by > retire_z standard errors (val acc) ...
-        retire_epochs: int = 2      # ... in this many consecutive epochs (then the student is final)
+        precision: float = ranged(0.95, 0.0, 1.0)   # > 0: threshold recalibrated each epoch to reach this validation precision
+        calib_items: int = ranged(1024, 1)   # validation items the per-epoch calibration looks at (a fixed sample)
+        gate_z: float = ranged(0.5, 0.0)   # fall back when the shadow validates better by > gate_z standard errors
+        retire_after: float = ranged(0.2, 0.0, 1.0)   # the CE shadow may retire once this fraction of training is done ...
+        retire_z: float = ranged(3.0, 0.0)   # ... when the student leads it by > retire_z standard errors (val acc) ...
+        retire_epochs: int = ranged(2, 1)   # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
         consistency: bool = False   # pseudo-labels from a weak view of each unlabelled item train its strong view (FixMatch-style)
         labelled_aug: str = "auto"  # augmentation of the student's labelled items (not the CE shadow's): auto (weak for a convolutional student, else none) | none | weak | strong (docs/method.md, "Augmentation")
+
+        CHOICES: ClassVar[dict] = {"u_forward": ("separate", "joint"), "kd_loss": ("dkd", "kl"),
+                                   "kd_target": ("item", "mean"), "labelled_aug": ("auto",) + LEVELS}
 
     @classmethod
     def teacher_free(cls, params) -> bool:
@@ -108,25 +113,6 @@ class UCMKD(Distiller):
     def __init__(self, student, teacher, params=None):
         super().__init__(student, teacher, params)
         p = self.params
-        check_semi(self.name, p)
-        for k in ("w_kd", "w_la", "w_fa", "label_cost", "kd_alpha", "kd_beta"):
-            if getattr(p, k) < 0:
-                raise ConfigError(f"method 'ucmkd': {k} must be >= 0, got {getattr(p, k)}")
-        if not p.temperature > 0:
-            raise ConfigError(f"method 'ucmkd': temperature must be > 0, got {p.temperature}")
-        if p.calib_items < 1:
-            raise ConfigError(f"method 'ucmkd': calib_items must be >= 1, got {p.calib_items}")
-        if p.gate_z < 0:
-            raise ConfigError(f"method 'ucmkd': gate_z must be >= 0, got {p.gate_z}")
-        if not 0.0 <= p.retire_after <= 1.0 or p.retire_z < 0 or p.retire_epochs < 1:
-            raise ConfigError(f"method 'ucmkd': retire_after must be in [0, 1], retire_z >= 0 and "
-                              f"retire_epochs >= 1; got {p.retire_after}, {p.retire_z}, {p.retire_epochs}")
-        if p.u_forward not in ("joint", "separate"):
-            raise ConfigError(f"method 'ucmkd': u_forward must be 'joint' or 'separate', got {p.u_forward!r}")
-        if p.kd_loss not in ("dkd", "kl"):
-            raise ConfigError(f"method 'ucmkd': kd_loss must be 'dkd' or 'kl', got {p.kd_loss!r}")
-        if p.kd_target not in ("item", "mean"):
-            raise ConfigError(f"method 'ucmkd': kd_target must be 'item' or 'mean', got {p.kd_target!r}")
         self.fa = make_fa(p)
         self.extra["protos"] = ClassPrototypes(teacher.num_classes, teacher.feat_dim, p.momentum)
         self.extra["prior"] = PriorAlignment(teacher.num_classes)
@@ -134,9 +120,6 @@ class UCMKD(Distiller):
             self.add_fallback()
             self.extra["gate"] = ShadowGate()
         self.uses_unlabelled = p.unlabelled
-        if p.labelled_aug not in ("auto",) + LEVELS:
-            raise ConfigError(f"method 'ucmkd': method.params.labelled_aug must be one of auto, {', '.join(LEVELS)}, "
-                              f"got {p.labelled_aug!r}")
         self.labelled_aug = p.labelled_aug if p.labelled_aug != "auto" else (
             "weak" if is_convolutional(student) else "none")
         if p.consistency and p.u_forward == "joint":

@@ -115,4 +115,14 @@ def describe(name: str) -> str:
     return f"{name} ({', '.join(r.methods)}): {r.description}"
 
 
+def _register() -> None:
+    """Let :class:`~ucmkd.config.RunConfig` check and expand recipes (the config layer does not
+    import this one: recipes validate method params, a layer above the config)."""
+    from ..config import RunConfig
+
+    RunConfig.RECIPES.update(check=load_recipe, expand=expand_recipe)
+
+
+_register()
+
 __all__ = ["Recipe", "recipe_names", "load_recipe", "recipe_layer", "expand_recipe", "recipe_config", "describe"]
