@@ -44,7 +44,7 @@ UNKEYED = ("device", "threads", "logging")
 LATER_DEFAULTS = {("pairing", "unlabelled_ratio"): 1.0, ("data", "options"): {}, ("augment",): {"labelled": "none", "policy": None},
                   # auto is items on data without groups; on data with groups it changed the
                   # splits, which reach the keys through the data's content fingerprint
-                  ("data", "val_by"): "auto"}
+                  ("data", "val_by"): "auto", ("teacher", "checkpoint"): None}
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
@@ -75,12 +75,27 @@ def _load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
     return load_modality(cfg.data.student, cfg.data), load_modality(cfg.data.teacher, cfg.data)
 
 
+def file_digests(cfg: RunConfig) -> dict:
+    """The files ``cfg`` names whose content is part of its runs' keys, as {dotted field: sha256
+    of the file's bytes}: ``teacher.checkpoint``. A missing file is a DataError naming the field."""
+    from .cache import file_sha256
+
+    ck = cfg.teacher.checkpoint
+    return {} if ck is None else {"teacher.checkpoint": file_sha256(ck, "teacher.checkpoint")}
+
+
 def key_config(cfg: RunConfig) -> dict:
     """The config as run keys see it: without the device, the thread count and the fields that
     change only how inputs are read (``DataConfig.IO_FIELDS``: storage, workers; what they read
     enters keys through the data's content fingerprint), and the sections that only a dataset's
-    fingerprint carries (``DataConfig.FINGERPRINT_FIELDS``: the folder datasets' options)."""
+    fingerprint carries (``DataConfig.FINGERPRINT_FIELDS``: the folder datasets' options). With
+    ``teacher.checkpoint`` the teacher section is that file's content hash alone
+    (``{"checkpoint": {"sha256": ...}}``: where the file lies and the unused training schedule do
+    not matter)."""
     d = to_dict(cfg)
+    files = file_digests(cfg)
+    if "teacher.checkpoint" in files:
+        d["teacher"] = {"checkpoint": {"sha256": files["teacher.checkpoint"]}}
     for k in UNKEYED:
         d.pop(k, None)
     for k in DataConfig.IO_FIELDS + DataConfig.FINGERPRINT_FIELDS:
@@ -225,7 +240,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
             train_teacher: bool = True) -> RunContext:
     """Build and check one run: method and params, data (loaded from ``cfg.data`` unless given),
     teacher (trained or loaded from the cache unless given; ``train_teacher=False`` builds an
-    untrained one, to check a grid before anything trains), student model, distiller, pairing
+    untrained one, to check a grid before anything trains; with ``cfg.teacher.checkpoint`` the
+    file's teacher, as is, in both cases; a ``teacher`` given wins), student model, distiller, pairing
     sampler and the run's content key. Every mistake found here raises a ConfigError or
     DataError naming the field, dataset or model at fault.
 
@@ -281,7 +297,13 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         seed_everything(cfg.seed)
         return student_model if student_model is not None else build_student(cfg, student)
 
-    if teacher is None and method_cls.uses_teacher:
+    if teacher is None and method_cls.uses_teacher and cfg.teacher.checkpoint is not None:
+        from .engine.teacher import checkpoint_teacher
+
+        # a teacher trained elsewhere: loaded as is (nothing to train, no untrained stand-in)
+        teacher, teacher_info = (_get_teacher(cfg, teacher_data, progress, dp) if train_teacher
+                                 else (checkpoint_teacher(cfg, teacher_data), None))
+    elif teacher is None and method_cls.uses_teacher:
         from .engine.teacher import build_teacher_model
 
         teacher = build_teacher_model(cfg, teacher_data)     # untrained
@@ -323,6 +345,14 @@ def _get_teacher(cfg: RunConfig, teacher_data: ModalityData, progress: bool,
     whatever the other nodes' caches hold)."""
     if dp is None:
         return get_teacher(cfg, teacher_data, progress=progress)
+    if cfg.teacher.checkpoint is not None:      # every rank reads the file: the same bytes everywhere
+        from .cache import file_sha256
+        from .engine.teacher import checkpoint_teacher
+
+        info = distributed.on_rank_zero(dp, lambda: get_teacher(cfg, teacher_data, progress=progress)[1])
+        distributed.check_same_on_ranks(dp, file_sha256(cfg.teacher.checkpoint, "teacher.checkpoint"),
+                                        "the teacher checkpoint (sha256 of teacher.checkpoint)")
+        return checkpoint_teacher(cfg, teacher_data), info
 
     def on_rank_zero():
         model, info = get_teacher(cfg, teacher_data, progress=progress)
@@ -514,5 +544,5 @@ def what_differs(old: dict, new: dict, limit: int = 4) -> str:
     return ", ".join(out) or "the key's format (written by another ucmkd version)"
 
 
-__all__ = ["RunContext", "prepare", "run", "run_context", "build_student", "load_pair", "run_key",
+__all__ = ["RunContext", "prepare", "run", "run_context", "build_student", "load_pair", "run_key", "file_digests",
            "check_model", "check_data", "what_differs", "stored_key"]

@@ -5,7 +5,10 @@ against the baseline (``ce``) paired by seed with a 95 % Student-t confidence in
 two-sided Wilcoxon signed-rank p-value, teacher accuracy and wall time per run. Every finished
 run is appended to ``results.jsonl`` (with its resolved config and the code version), so an
 interrupted suite resumes where it stopped and never re-runs a finished cell; ``--only``
-runs a part, and the outputs always cover every cell of the suite finished so far.
+runs a part, and so do ``methods=[...]``/``seeds=[...]`` on the command line
+(:data:`NARROWING`), while the outputs always cover every cell of the suite finished so far
+(the suite's own methods and seeds, and those of the command line); ``--report`` only
+rewrites them from the store.
 """
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SettingConfig, SuiteConfig, builtin_yaml, from_dict, resolve_yaml, save_config
-from .errors import ConfigError
+from .config import SettingConfig, SuiteConfig, builtin_yaml, from_dict, load_config, replace, resolve_yaml, save_config
+from .errors import ConfigError, UcmkdError
 from .methods import METHODS
-from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
+from .grid import Cell, ResultStore, cell_config, data_fingerprints, run_cells, safe_name, validate_methods
 from .cache import write_text
 from .report import (_fmt_delta, _named, ci_excludes_zero, fmt_ci, headline_report, plot, share_summary, summarise,
                      teacher_field, write_csv)
@@ -32,6 +35,28 @@ def builtin_suites() -> list[str]:
 def suite_path(name: str):
     """A built-in suite name (``quick``, ``full``) or a YAML path."""
     return resolve_yaml("ucmkd.suites", name, "suite")
+
+
+#: suite fields that a command line narrows to run a part now (``methods=[ce,kd]``, ``seeds=[0]``):
+#: the reports keep covering the suite's own methods and seeds as well
+NARROWING = ("methods", "seeds")
+
+
+def load_suite(name: str, overrides: list[str] | None = None) -> tuple[SuiteConfig, SuiteConfig]:
+    """(the suite to run now, the suite the reports cover) of a built-in name or YAML path with
+    ``key=value`` overrides: the first with every override, the second with the methods and
+    seeds of the suite's file (with the other overrides) followed by those of the command line
+    (:data:`NARROWING`)."""
+    path = suite_path(name)
+    suite = load_config(SuiteConfig, path, overrides)
+    defined = load_config(SuiteConfig, path, [o for o in overrides or [] if o.split("=", 1)[0].strip() not in NARROWING])
+    return suite, widen(suite, defined)
+
+
+def widen(suite: SuiteConfig, defined: SuiteConfig) -> SuiteConfig:
+    """``suite`` with the methods and seeds of ``defined`` first, then its own (no repeats)."""
+    return replace(suite, methods=list(dict.fromkeys(defined.methods + suite.methods)),
+                   seeds=list(dict.fromkeys(defined.seeds + suite.seeds)))
 
 
 def settings_of(suite: SuiteConfig) -> dict[str, SettingConfig]:
@@ -52,11 +77,15 @@ def select(names: list[str], only: str | None) -> list[str]:
     return picked
 
 
-def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None) -> tuple[list[Cell], list[Cell]]:
-    """(cells to run now, all cells of the suite)."""
+def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None,
+                full: SuiteConfig | None = None) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run now: ``suite``'s in the settings matching ``only``; every cell the reports
+    cover: those of ``full``, default ``suite``, and the cells to run now)."""
+    full = suite if full is None else full
     settings = settings_of(suite)
     chosen = set(select(list(settings), only))
-    validate_methods(suite.methods, suite.variants, suite.method_params)
+    for s in (suite, full):
+        validate_methods(s.methods, s.variants, s.method_params)
     for name, st in settings.items():
         if name not in chosen:        # settings left out by --only are not checked against this run
             continue
@@ -66,22 +95,26 @@ def suite_cells(suite: SuiteConfig, out: Path, only: str | None = None) -> tuple
         if unknown:
             raise ConfigError(f"settings.{name}.exclude_methods: {unknown[0]!r} is neither a method nor a "
                               f"variant; known methods: {', '.join(METHODS.names())}")
-    if suite.baseline not in suite.methods:
-        raise ConfigError(f"baseline {suite.baseline!r} must be one of the suite's methods {suite.methods}")
-    if suite.headline.method is not None and suite.headline.method not in suite.variants:
-        METHODS.get(suite.headline.method)
+    if full.baseline not in full.methods:
+        raise ConfigError(f"baseline {full.baseline!r} must be one of the suite's methods {full.methods}")
+    if full.headline.method is not None and full.headline.method not in full.variants:
+        METHODS.get(full.headline.method)
     if not suite.seeds:
         raise ConfigError("seeds: give at least one seed")
-    all_cells, now = [], []
-    for name, st in settings.items():
+    now = [c for c in _cells(suite, out) if c.setting in chosen]
+    every = {(c.setting, c.label, c.seed): c for c in _cells(full, out) + now}
+    return now, list(every.values())
+
+
+def _cells(suite: SuiteConfig, out: Path) -> list[Cell]:
+    """Every cell of ``suite``: settings x (methods not excluded there + its extra methods) x seeds."""
+    cells = []
+    for name, st in settings_of(suite).items():
         for m in [m for m in suite.methods if m not in st.exclude_methods] + st.extra_methods:
             for k in suite.seeds:
                 cfg = cell_config(suite.base, st.overrides, m, k, suite.variants, suite.method_params)
-                cell = Cell(name, m, k, cfg, out / "runs" / safe_name(name) / m / f"seed{k}")
-                all_cells.append(cell)
-                if name in chosen:
-                    now.append(cell)
-    return now, all_cells
+                cells.append(Cell(name, m, k, cfg, out / "runs" / safe_name(name) / m / f"seed{k}"))
+    return cells
 
 
 # --------------------------------------------------------------------------- reporting
@@ -202,11 +235,51 @@ def heatmap(rows: list[dict], path: Path, settings: list[str], methods: list[str
     plt.close(fig)
 
 
+def cannot_apply(suite: SuiteConfig, setting: str, label: str) -> str | None:
+    """Why method ``label`` cannot run in ``setting``: the error that preparing its first cell
+    with an untrained teacher raises (as :func:`ucmkd.grid.preflight` does before a grid
+    trains); None if it can, or if the setting's data cannot be read here (nobody can tell)."""
+    from .grid import _context
+
+    st = settings_of(suite)[setting]
+    cfg = cell_config(suite.base, st.overrides, label, suite.seeds[0], suite.variants, suite.method_params)
+    try:
+        data_fingerprints(cfg)
+    except UcmkdError:
+        return None
+    try:
+        _context(cfg, train_teacher=False)
+    except UcmkdError as e:
+        return str(e)
+    return None
+
+
+def exclusion_notes(suite: SuiteConfig, methods: list[str]) -> str:
+    """The tables' note on the methods a setting excludes (``exclude_methods``): those that
+    cannot apply there (:func:`cannot_apply`, with the reason), and those the suite left out."""
+    cannot, left_out = {}, []
+    for name, st in settings_of(suite).items():
+        for m in st.exclude_methods:
+            if m in methods:
+                why = cannot_apply(suite, name, m)
+                if why:
+                    cannot.setdefault((m, why), []).append(name)
+                else:
+                    left_out.append(f"{m} in {name}")
+    notes = []
+    if cannot:
+        notes.append("Not run (the method cannot apply to the setting):\n"
+                     + "\n".join(f"- {m} in {', '.join(names)}: {why}" for (m, why), names in cannot.items()))
+    if left_out:
+        notes.append("Not run (excluded by the suite, settings.<setting>.exclude_methods): " + ", ".join(left_out) + ".")
+    return "\n\n".join(notes)
+
+
 def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
-    """Write tables.md, summary.csv, results.csv, heatmap.png and bars/<setting>.png."""
+    """Write tables.md, the headline report (``<headline method>.md``), summary.csv,
+    results.csv, heatmap.png and bars/<setting>.png over ``results`` (rows of ``suite``'s cells)."""
     settings = settings_of(suite)
     methods = list(dict.fromkeys(suite.methods + [m for s in settings.values() for m in s.extra_methods]))
-    excluded = [f"{m} in {name}" for name, st in settings.items() for m in st.exclude_methods if m in methods]
     rows = summarise(results, baseline=suite.baseline, by=("setting",))
     h = suite.headline
     headline = h.method if h.method in methods else None
@@ -216,8 +289,9 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
     field = teacher_field(results, {(r["setting"], r["method"]): r for r in rows}, list(settings), distillers, free,
                           headline)
     tables = setting_tables(rows, settings, methods, suite.baseline, field, headline, others)
-    if excluded:
-        tables += "\nNot run (the method cannot apply to the setting's backbones): " + ", ".join(excluded) + "."
+    notes = exclusion_notes(suite, methods)
+    if notes:
+        tables += "\n" + notes
     write_text(out / "tables.md", tables + "\n")
     if headline and suite.baseline in methods:
         write_text(out / f"{safe_name(h.method)}.md", headline_report(
@@ -249,27 +323,36 @@ def _write_summary(rows: list[dict], path: Path) -> None:
 
 def run_suite(suite: SuiteConfig, out_dir: str | Path | None = None, only: str | None = None,
               workers: int | None = None, progress: bool = True, log=print,
-              nproc_per_cell: int | None = None) -> dict:
-    """Run (or resume) ``suite``, restricted to the settings matching ``only``; report everything
-    finished so far. ``workers`` cells run side by side; ``nproc_per_cell`` > 1 trains every cell
-    data-parallel in that many processes (default: the suite's fields). Returns {results, rows,
-    tables, out_dir, seconds}."""
+              nproc_per_cell: int | None = None, full: SuiteConfig | None = None,
+              report_only: bool = False) -> dict:
+    """Run (or resume) ``suite``, restricted to the settings matching ``only``; report every
+    finished cell of ``full`` (default ``suite``; ``ucmkd bench`` passes the suite its file
+    defines, widened by a command line's methods and seeds: :func:`load_suite`).
+    ``report_only``: run nothing, rewrite the reports from the results store. ``workers`` cells
+    run side by side; ``nproc_per_cell`` > 1 trains every cell data-parallel in that many
+    processes (default: the suite's fields). Returns {results, rows, tables, out_dir, seconds}."""
+    if report_only and only:
+        raise ConfigError("--report runs nothing and reports every finished cell: --only has no effect with it")
+    full = suite if full is None else full
     out = Path(out_dir or suite.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    now, all_cells = suite_cells(suite, out, only)
-    save_config(suite, out / "suite.yaml")
+    now, all_cells = suite_cells(suite, out, only, full)
+    save_config(full, out / "suite.yaml")
     t0 = time.time()
     store = ResultStore(out / "results.jsonl")
-    run_cells(now, store, workers=workers or suite.workers, progress=progress, log=log,
-              nproc_per_cell=nproc_per_cell or suite.nproc_per_cell)
+    if not report_only:
+        run_cells(now, store, workers=workers or suite.workers, progress=progress, log=log,
+                  nproc_per_cell=nproc_per_cell or suite.nproc_per_cell)
     results = store.rows_for(all_cells)
-    rep = report(suite, results, out)
+    rep = report(full, results, out)
     seconds = time.time() - t0
     log(rep["tables"])
-    log(f"\n{len(now)} runs requested, {len(results)} of {len(all_cells)} suite runs finished; "
+    ran = "reports rebuilt, nothing run" if report_only else f"{len(now)} runs requested"
+    log(f"\n{ran}, {len(results)} of {len(all_cells)} suite runs finished; "
         f"{seconds:.0f} s. Outputs in {out}/ (tables.md, summary.csv, results.csv, results.jsonl, "
         f"heatmap.png, bars/)")
     return {"results": results, **rep, "out_dir": str(out), "seconds": seconds}
 
 
-__all__ = ["run_suite", "suite_cells", "report", "heatmap", "setting_tables", "builtin_suites", "suite_path"]
+__all__ = ["run_suite", "suite_cells", "report", "heatmap", "setting_tables", "builtin_suites", "suite_path",
+           "load_suite", "widen", "NARROWING", "cannot_apply"]

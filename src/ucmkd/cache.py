@@ -220,6 +220,30 @@ def signature_diff(old: dict, new: dict, limit: int = 3) -> str:
     return ", ".join(parts)
 
 
+_FILE_DIGESTS: dict = {}
+
+
+def file_sha256(path: str | Path, what: str = "file") -> str:
+    """sha256 (hex) of the bytes of the file ``path``, memoised per process under its resolved
+    path, size and modification time (a rewritten file is hashed again). A missing file is a
+    :class:`DataError` naming ``what`` and the path."""
+    p = Path(path).expanduser()
+    try:
+        st = p.resolve().stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"{what}: file not found: {p}") from None
+    if not p.is_file():
+        raise DataError(f"{what}: not a file: {p}")
+    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for piece in iter(lambda: f.read(PIECE_BYTES), b""):
+                h.update(piece)
+        _FILE_DIGESTS[memo] = h.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
 # --------------------------------------------------------------------------- keyed lookup
 def safe_name(name: str, limit: int = 60) -> str:
     """``name`` as one path component: path separators and colons become ``-``."""
@@ -383,6 +407,6 @@ def read_json(path: str | Path, what: str = "file") -> Optional[dict]:
 
 
 __all__ = ["atomic_path", "write_text", "write_json", "save_torch", "save_npz", "save_pickle", "clean_tmp",
-           "array_digest", "content_key", "state_digest", "model_signature", "signature_diff", "entry",
+           "array_digest", "file_sha256", "content_key", "state_digest", "model_signature", "signature_diff", "entry",
            "get_or_build", "get_or_write", "read_json", "safe_name", "write_npz_rows", "open_npz_member",
            "is_file_backed", "PageRelease", "FULL_HASH_BYTES"]

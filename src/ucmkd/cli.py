@@ -1,7 +1,7 @@
 """Command-line interface: a thin layer over :mod:`ucmkd.api` and :mod:`ucmkd.experiment`.
 
     ucmkd run digits [--quick] [--out DIR] [--nproc-per-cell N] [key=value ...]
-    ucmkd bench quick [--only PATTERNS] [--workers N] [--nproc-per-cell N] [--out DIR] [key=value ...]
+    ucmkd bench quick [--only PATTERNS] [--workers N] [--nproc-per-cell N] [--out DIR] [--report] [key=value ...]
     ucmkd train [--config FILE] [--run-dir DIR] [recipe=NAME] [key=value ...]
     torchrun --standalone --nproc_per_node=N -m ucmkd train ...     (data-parallel, docs/scaling.md)
     ucmkd train-teacher [--config FILE] [key=value ...]
@@ -52,13 +52,12 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_bench(a) -> int:
-    from .bench import run_suite, suite_path
-    from .config import SuiteConfig, load_config
+    from .bench import load_suite, run_suite
 
     _not_under_torchrun("bench")
-    suite = load_config(SuiteConfig, suite_path(a.suite), a.overrides)
+    suite, full = load_suite(a.suite, a.overrides)     # the reports cover the suite's own methods and seeds too
     run_suite(suite, out_dir=a.out, only=a.only, workers=a.workers, progress=not a.no_progress,
-              nproc_per_cell=a.nproc_per_cell)
+              nproc_per_cell=a.nproc_per_cell, full=full, report_only=a.report)
     return 0
 
 
@@ -96,8 +95,9 @@ def _cmd_train_teacher(a) -> int:
 
     info = distributed.on_rank_zero(dp, train)
     if dp is None or dp.is_main:
+        how = "as given, not trained" if info.get("best_epoch") is None else f"best epoch {info['best_epoch']}"
         print(f"teacher {cfg.data.teacher}: val acc {100 * info['val_acc']:.2f}%, test acc "
-              f"{100 * info['test_acc']:.2f}% (best epoch {info['best_epoch']})\ncheckpoint: {info['path']}")
+              f"{100 * info['test_acc']:.2f}% ({how})\ncheckpoint: {info['path']}")
     return 0
 
 
@@ -179,6 +179,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="train every run data-parallel in N processes (torchrun; default: the suite's "
                    "nproc_per_cell; docs/scaling.md)")
     b.add_argument("--out", default=None, help="output directory (default: the suite's out_dir)")
+    b.add_argument("--report", action="store_true",
+                   help="run nothing: rewrite tables.md and the other reports from the results store")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] base.optim.epochs=20")
     b.set_defaults(fn=_cmd_bench)

@@ -259,13 +259,18 @@ class OptimConfig:
 
 @dataclass
 class TeacherConfig(OptimConfig):
-    """Teacher training schedule (an :class:`OptimConfig` with its own defaults) and seed."""
+    """Teacher training schedule (an :class:`OptimConfig` with its own defaults) and seed, or the
+    ``checkpoint`` of a teacher trained elsewhere."""
 
     epochs: int = ranged(30, 1)
     batch_size: int = ranged(128, 1)
     warmup_epochs: int = ranged(2, 0)
     steps_per_epoch: Optional[int] = ranged(None, 1)   # None: one pass over the teacher's training split
     seed: int = ranged(0, 0)     # one teacher per (data, model, schedule, seed), shared by student seeds
+    # your own trained teacher, used as is instead of training one (docs/workflow.md): a state dict
+    # of the configured teacher backbone, or a TorchScript module with features(x) and head(z);
+    # its content (sha256 of the file) keys teachers and runs, the schedule fields above are unused
+    checkpoint: Optional[str] = None
 
 
 @dataclass

@@ -253,7 +253,8 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
     check_data(teacher_data, "teacher_data")
     check_compatible(student, teacher_data)      # label sets: a DataError names the classes
     t1 = time.time()
-    cached = teacher is not None or (teacher_dir(cfg, teacher_data) / "teacher.pt").is_file()
+    cached = (teacher is not None or cfg.teacher.checkpoint is not None
+              or (teacher_dir(cfg, teacher_data) / "teacher.pt").is_file())
     if teacher is None:
         teacher, teacher_info = get_teacher(cfg, teacher_data, progress=progress)
     teacher.eval()

@@ -107,7 +107,12 @@ class ResultStore:
         """The latest stored row of ``cell``: same store key, or (for rows written before a
         config field was added) the same config on every stored field, with the fields the row
         lacks at their defaults. With ``fingerprints`` (the cell's :func:`data_fingerprints`), a
-        row recorded on other data content is not a match (rows that predate fingerprints are)."""
+        row recorded on other data content is not a match (rows that predate fingerprints are).
+        A config naming files whose content keys its runs (:func:`ucmkd.api.file_digests`, e.g. a
+        teacher checkpoint) matches by store key only: its stored config cannot tell the file's
+        old content from its new one."""
+        from .api import file_digests
+
         key = cell.store_key
         cands = self._by_cell.get((cell.setting, cell.label, cell.seed), [])
         if fingerprints:
@@ -116,6 +121,8 @@ class ResultStore:
         exact = [r for r in cands if r.get("store_key") == key]
         if exact:
             return exact[-1]
+        if file_digests(cell.cfg):
+            return None
         new = to_dict(cell.cfg)
         compatible = [r for r in cands if "config" in r and _compatible(r["config"], new, _DEFAULTS)]
         return compatible[-1] if compatible else None
