@@ -156,12 +156,9 @@ def sinkhorn_cost(
         and the plan's entropy.
 
     Note:
-        GeomLoss does not run ``n_iter`` plain Sinkhorn iterations: it anneals the
-        temperature geometrically from ``max C`` down to ``eps`` in about ``n_iter`` steps
-        (:func:`geomloss_schedule`) and rebuilds ``P_ij = a_i b_j exp((f_i + g_j - C_ij) /
-        eps)`` from its potentials, so it approximates the *converged* plan; the annealing
-        lags behind, and the value underestimates the converged one by ~1/n_iter (measured
-        -10 % at ``n_iter=100``, -1 % at 1000 on clustered 64-d features; ``docs/ot.md``).
+        ``geomloss`` anneals the temperature from ``max C`` down to ``eps`` in about ``n_iter``
+        steps and rebuilds P from its potentials: it approximates the converged plan and
+        underestimates its value by roughly ``1/n_iter`` (``docs/ot.md``).
 
     Raises:
         ConfigError: unknown metric/backend/grad, bad eps or n_iter.
