@@ -7,7 +7,7 @@ import ot
 import pytest
 import torch
 
-from ucmkd.losses.ot import FeatureAlignmentLoss, cost_matrix, plan_entropy, sinkhorn_cost
+from ucmkd.losses.ot import FeatureAlignmentLoss, cost_matrix, plan_entropy, sinkhorn_cost, solve_sample
 
 CASES = [("fused", "envelope"), ("fused", "autodiff"), ("pot", "envelope"), ("pot", "autodiff"),
          ("torch", "envelope"), ("torch", "autodiff")]
@@ -32,7 +32,10 @@ def test_stats_leave_values_and_gradients_unchanged(backend, grad):
     outs = []
     for stats in (None, {}):
         z = zs.clone().requires_grad_(True)
-        v = sinkhorn_cost(z, zt, eps=0.1, n_iter=50, backend=backend, grad=grad, stats=stats)
+        res = solve_sample(z, zt, eps=0.1, n_iter=50, backend=backend, grad=grad)
+        if stats is not None:            # the statistics read before backward
+            stats.update(res.stats())
+        v = res.value
         v.backward()
         outs.append((v.detach(), z.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -42,8 +45,7 @@ def test_stats_leave_values_and_gradients_unchanged(backend, grad):
 @pytest.mark.parametrize("eps,n_iter", [(0.1, 1000), (0.02, 30)])   # converged early / capped
 def test_iterations_and_entropy_match_pot(backend, grad, eps, n_iter):
     zs, zt = clouds(1)
-    stats = {}
-    sinkhorn_cost(zs, zt, eps=eps, n_iter=n_iter, backend=backend, grad=grad, stats=stats)
+    stats = solve_sample(zs, zt, eps=eps, n_iter=n_iter, backend=backend, grad=grad).stats()
     it, ent = pot_reference(zs, zt, eps, n_iter)
     if backend == "torch":            # no stopping rule: exactly n_iter
         assert stats["iterations"] == n_iter
@@ -60,15 +62,15 @@ def test_entropy_known_values():
     assert plan_entropy(torch.eye(B, dtype=torch.float64) / B) == pytest.approx(math.log(B), rel=1e-14)
 
 
-def test_the_loss_module_exposes_the_last_solve_only_when_asked():
+def test_the_loss_module_exposes_the_solve():
     zs, zt = clouds(2, dtype=torch.float32)
     fa = FeatureAlignmentLoss(eps=0.1, n_iter=100, backend="fused", grad="envelope")
-    fa(zs, zt)
-    assert fa.last_stats == {}
-    fa.record_stats = True
-    v = fa(zs, zt)
-    assert set(fa.last_stats) == {"iterations", "plan_entropy"}
-    assert 1 <= fa.last_stats["iterations"] <= 100
+    res = fa.solve(zs, zt)
+    v = res.value
+    last_stats = res.stats()
+    assert set(last_stats) == {"iterations", "plan_entropy"}
+    assert 1 <= last_stats["iterations"] <= 100
     # the entropic plan lies between a permutation-like plan and the independent one
-    assert math.log(20) <= fa.last_stats["plan_entropy"] <= math.log(24 * 20) + 1e-5
+    assert math.log(20) <= last_stats["plan_entropy"] <= math.log(24 * 20) + 1e-5
     assert torch.equal(v, sinkhorn_cost(zs, zt, eps=0.1, n_iter=100, backend="fused", grad="envelope"))
+    assert torch.equal(fa(zs, zt), v)

@@ -69,6 +69,19 @@ def test_event_file_has_the_expected_tags_and_steps(data, tmp_path):
     assert all(1 <= v <= 10 and v == int(v) for v in iters)       # small_cfg: n_iter 10
 
 
+def test_solver_statistics_are_tags_not_epoch_columns(data, tmp_path):
+    # the OT statistics travel in the method's metrics as diagnostics ("ot/fa/..."): TensorBoard
+    # tags of their own, never train_* averages in metrics.jsonl, and asked for only while logging
+    cfg, kw = data
+    res = run(cfg, run_dir=tmp_path / "r", **kw)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any("/" in k or "ot" in k.split("_") for row in rows for k in row)
+    ev = events(tmp_path / "r" / "tb")
+    assert {t for t in ev if t.startswith("ot/")} == {"ot/fa/iterations", "ot/fa/plan_entropy"}
+    assert not any(t.startswith("train/ot") for t in ev)
+    assert res["distiller"].step_diagnostics is False
+
+
 def test_resume_does_not_duplicate_steps(data, tmp_path, monkeypatch):
     cfg, kw = data
     ref = run(cfg, run_dir=tmp_path / "ref", **kw)

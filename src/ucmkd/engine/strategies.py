@@ -38,6 +38,13 @@ def _check_finite(losses: dict, where: str) -> None:
             raise NumericalError(f"{where}: loss {name!r} is {float(v.detach())} (non-finite)")
 
 
+def is_diagnostic(name: str) -> bool:
+    """Whether the step log ``name`` is a per-step diagnostic (a TensorBoard tag with a ``/``, e.g.
+    ``ot/fa/iterations``, see :class:`~ucmkd.methods.base.DistillOutput`): the trainer leaves it
+    out of the epoch's averages."""
+    return "/" in name
+
+
 def _floats(d: dict) -> dict:
     return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in d.items()}
 

@@ -5,10 +5,11 @@ Tags, all against the global training step (1 = after the first optimiser step):
 - ``train/<name>``: every named loss term and metric the distiller returns for a step (``ce``,
   ``kd``, ``fa``, ``pl_mask``, ...), every ``logging.every_steps`` steps;
 - ``train/lr``: the learning rate of that step;
-- ``ot/<module>/iterations``, ``ot/<module>/plan_entropy``: the Sinkhorn iterations run and the
-  plan's entropy (nats) of each OT feature-alignment loss of the distiller
-  (:class:`~ucmkd.losses.ot.FeatureAlignmentLoss`, named by its module path, e.g. ``fa``), for the
-  same steps;
+- ``<tag>``: each per-step diagnostic the distiller returns for those steps, a metric whose name
+  has a ``/`` (:func:`~ucmkd.engine.strategies.is_diagnostic`), under its own name; the logger
+  asks for them (``distiller.step_diagnostics``). E.g. ``ot/fa/iterations``,
+  ``ot/fa/plan_entropy``: the Sinkhorn iterations run and the plan's entropy (nats) of the OT
+  feature-alignment loss ``fa``, on the steps it ran;
 - ``val/<candidate>/acc``, ``val/<candidate>/loss``: after every epoch, each candidate the
   trainer validates (``student``, and e.g. ``fallback``, ucmkd's CE shadow), at the epoch's last
   step; ``epoch/<name>``: the epoch's other numbers (e.g. ``pl_threshold``, ``shadow_active``);
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from .strategies import is_diagnostic
 
 
 def require_tensorboard():
@@ -47,7 +49,7 @@ class TensorBoardLogger:
         self.log_dir = Path(log_dir)
         self.every_steps = every_steps
         self.writer = None
-        self.ot_losses: dict = {}
+        self.distiller = None
 
     @classmethod
     def for_run(cls, cfg, run_dir: Optional[Path]) -> "TensorBoardLogger":
@@ -61,13 +63,10 @@ class TensorBoardLogger:
     # ------------------------------------------------------------------ trainer hooks
     def start(self, step: int, distiller) -> None:
         """Open the event file; ``step``: the step the run (re)starts from (0: a fresh run)."""
-        from ..losses.ot import FeatureAlignmentLoss
-
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.writer = self.SummaryWriter(str(self.log_dir), purge_step=step + 1 if step > 0 else None)
-        self.ot_losses = {name: m for name, m in distiller.named_modules() if isinstance(m, FeatureAlignmentLoss)}
-        for m in self.ot_losses.values():
-            m.record_stats = True
+        self.distiller = distiller
+        distiller.step_diagnostics = True
 
     def step(self, step: int, lr: float, logs: dict) -> None:
         if step % self.every_steps:
@@ -75,12 +74,7 @@ class TensorBoardLogger:
         w = self.writer
         w.add_scalar("train/lr", lr, step)
         for k, v in logs.items():
-            w.add_scalar(f"train/{k}", v, step)
-        for name, m in self.ot_losses.items():
-            for k, v in m.last_stats.items():
-                if not math.isnan(v):
-                    w.add_scalar(f"ot/{name}/{k}", v, step)
-            m.last_stats = {}          # a term switched off (e.g. weight ramp at 0) is not logged stale
+            w.add_scalar(k if is_diagnostic(k) else f"train/{k}", v, step)
 
     def epoch(self, step: int, row: dict, candidates: list) -> None:
         w = self.writer
@@ -105,8 +99,9 @@ class TensorBoardLogger:
         w.flush()
 
     def close(self) -> None:
-        for m in self.ot_losses.values():
-            m.record_stats = False
+        if self.distiller is not None:
+            self.distiller.step_diagnostics = False
+            self.distiller = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -50,7 +50,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .precision import Precision
 
 CHECKPOINT_FORMAT = 2     # latest.pt holds every candidate's best record and weights
-from .strategies import STRATEGIES
+from .strategies import STRATEGIES, is_diagnostic
 
 
 def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
@@ -281,7 +281,8 @@ class Trainer:
                 if self.logger is not None:      # under DDP: rank 0's shard (epoch rows: all ranks)
                     self.logger.step(self.step_count, lr, logs)
                 for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    if not is_diagnostic(k):
+                        sums[k] = sums.get(k, 0.0) + v
             self.epoch = ep + 1
             sums = distributed.mean_over_ranks(self.dist, sums)
             distributed.broadcast_buffers(self.dist, self._trainable_modules())

@@ -42,7 +42,11 @@ class NoParams:
 @dataclass
 class DistillOutput:
     """logits: student logits on ``batch.xs`` [B, K]; losses: name -> weighted scalar (summed
-    into the objective); metrics: name -> float logged alongside (not optimised)."""
+    into the objective); metrics: name -> float logged alongside (not optimised). A metric
+    whose name has a ``/`` (e.g. ``ot/fa/iterations``) is a per-step diagnostic
+    (:func:`ucmkd.engine.strategies.is_diagnostic`): logged to TensorBoard under that tag, not
+    averaged into the epoch's metrics rows; a method returns them only with
+    :attr:`Distiller.step_diagnostics`."""
 
     logits: torch.Tensor
     losses: dict
@@ -79,6 +83,10 @@ class Distiller(nn.Module):
     Set where the run is assembled (:meth:`set_augmentation`): ``input_kind``, the student
     modality's augmentation kind (image, signal, spectrogram, vector, or a plugin's), and
     ``augment_policy`` (:class:`ucmkd.augment.Policy`).
+
+    Set by a per-step logger (TensorBoard): ``step_diagnostics``, whether the method also returns
+    its per-step diagnostics (e.g. its OT solve's iterations and plan entropy) in
+    :attr:`DistillOutput.metrics` (off by default: some cost a pass over a [B, M] plan).
     """
 
     name = "base"
@@ -92,6 +100,7 @@ class Distiller(nn.Module):
     strategy = "standard"
     labelled_augment = "none"
     uses_augmentation = False
+    step_diagnostics = False
 
     def __init__(self, student: Classifier, teacher: Optional[Classifier] = None, params=None):
         super().__init__()

@@ -1,6 +1,7 @@
 """Ablation of the paper's joint objective: feature alignment (OT) without label alignment."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from ..config import ranged
 from ..engine import distributed
 from ..errors import NumericalError
-from ..losses.ot import BACKENDS, GRADS, METRICS, FeatureAlignmentLoss, cost_matrix, plan_cost, sinkhorn_plan
+from ..losses.ot import BACKENDS, GRADS, METRICS, PLAN_BACKENDS, FeatureAlignmentLoss, OTResult, cost_matrix, plan_cost, solve
 from .base import DistillOutput, Distiller, register_method
 
 
@@ -32,7 +33,7 @@ class OTParams:
 
 class FullPrecisionFA(FeatureAlignmentLoss):
     """The FA loss with autocast switched off around the solve: under a bf16/fp16 run the
-    features arrive in low precision and ``ot.py`` promotes them to float32, but an active
+    features arrive in low precision and :mod:`ucmkd.losses.ot` promotes them to float32, but an active
     autocast would run the cost matmul and the Sinkhorn products in low precision again.
 
     Under data parallelism (:mod:`ucmkd.engine.distributed`) the transport problem is the
@@ -46,29 +47,41 @@ class FullPrecisionFA(FeatureAlignmentLoss):
       without gradient, and each rank returns N times the cost of its own rows of P
       (:func:`ucmkd.losses.ot.plan_cost`), whose gradient reaches its own features only: the
       mean over ranks (DDP's) is the global ``<P, C>`` and its gradient; nothing but DDP's
-      all-reduce carries gradients across ranks. (``geomloss`` takes the autodiff route:
-      :func:`ucmkd.losses.ot.sinkhorn_plan` does not solve with it.)
+      all-reduce carries gradients across ranks. (A backend outside
+      :data:`~ucmkd.losses.ot.PLAN_BACKENDS`, i.e. ``geomloss``, takes the autodiff route:
+      :func:`ucmkd.losses.ot.solve` does not solve a given cost with it.)
     """
 
-    def forward(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost=None) -> torch.Tensor:
+    def solve(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost=None) -> OTResult:
         with torch.autocast(zs.device.type, enabled=False):
-            if distributed.world_size() == 1 or self.grad == "autodiff" or self.backend == "geomloss":
-                return super().forward(distributed.gather_with_grad(zs), zt, extra_cost)
+            if distributed.world_size() == 1 or self.grad == "autodiff" or self.backend not in PLAN_BACKENDS:
+                return super().solve(distributed.gather_with_grad(zs), zt, extra_cost)
             return self._global_plan_rows(zs, zt.detach(), extra_cost)
 
-    def _global_plan_rows(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost) -> torch.Tensor:
-        """N x <P[rows], C[rows]> for this rank's rows of the global plan P (envelope gradient)."""
+    def _global_plan_rows(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost) -> OTResult:
+        """N x <P[rows], C[rows]> for this rank's rows of the global plan P (envelope gradient);
+        the result's plan is the global P."""
         cost = cost_matrix(distributed.gather(zs.detach()), zt, self.metric)
         if extra_cost is not None:
             cost = cost + extra_cost.to(cost.dtype)
-        plan = sinkhorn_plan(cost, self.eps, self.n_iter, backend=self.backend)
+        glob = solve(cost, self.eps, self.n_iter, backend=self.backend)
         rows = distributed.local_rows
-        out = distributed.world_size() * plan_cost(rows(plan), zs, zt, self.metric,
+        out = distributed.world_size() * plan_cost(rows(glob.plan), zs, zt, self.metric,
                                                    None if extra_cost is None else rows(extra_cost))
         if not bool(torch.isfinite(out.detach())):
             raise NumericalError(f"feature alignment: transport cost of this rank's rows is {float(out)} "
                                  f"(backend={self.backend!r}, metric={self.metric!r}, eps={self.eps})")
-        return out
+        return OTResult.of_plan(out, glob.plan, glob.iterations)
+
+
+def ot_metrics(distiller, res: OTResult, name: str = "fa") -> dict:
+    """``{"ot/<name>/iterations", "ot/<name>/plan_entropy"}`` of the solve ``res`` (the OT loss
+    ``distiller.<name>``) where the distiller reports per-step diagnostics
+    (:attr:`~ucmkd.methods.base.Distiller.step_diagnostics`), else ``{}``; a statistic that
+    does not apply (GeomLoss' iterations, NaN) is left out."""
+    if not distiller.step_diagnostics:
+        return {}
+    return {f"ot/{name}/{k}": v for k, v in res.stats().items() if not math.isnan(v)}
 
 
 def make_fa(p) -> FeatureAlignmentLoss:
@@ -91,14 +104,15 @@ class FAOnly(Distiller):
         self.fa = make_fa(self.params)
 
     def feature_terms(self, batch):
-        """(student logits [B, K], projected student features [B, d_t], {"ce", "fa"} losses);
-        the OT sees the global batch under data parallelism."""
+        """(student logits [B, K], projected student features [B, d_t], {"ce", "fa"} losses,
+        metrics: :func:`ot_metrics`); the OT sees the global batch under data parallelism."""
         zt, _ = self.teacher_forward(batch)
         z, logits = self.student(batch.xs, return_features=True)
         zp = self.project(z)
-        fa = self.fa(zp, distributed.gather(zt))
-        return logits, zp, {"ce": F.cross_entropy(logits, batch.ys), "fa": self.params.w_fa * fa}
+        fa = self.fa.solve(zp, distributed.gather(zt))
+        losses = {"ce": F.cross_entropy(logits, batch.ys), "fa": self.params.w_fa * fa.value}
+        return logits, zp, losses, ot_metrics(self, fa)
 
     def forward(self, batch):
-        logits, _, losses = self.feature_terms(batch)
-        return DistillOutput(logits, losses)
+        logits, _, losses, metrics = self.feature_terms(batch)
+        return DistillOutput(logits, losses, metrics)

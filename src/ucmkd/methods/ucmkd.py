@@ -52,7 +52,7 @@ from ..losses.kd import kd_kl
 from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
-from .fa_only import OTParams, make_fa
+from .fa_only import OTParams, make_fa, ot_metrics
 from .pseudo_label import SemiParams, split_forward
 
 
@@ -299,10 +299,12 @@ class UCMKD(Distiller):
         # targets drawn for the global batch on every rank (the same draw), then this rank's rows
         target = distributed.local_rows(self._class_targets(ys, yt, t_logits))
         losses.update({k: w * v for k, v in self._teacher_terms(logits, zp, batch.ys, target).items()})
+        metrics = {}
         if p.w_fa > 0:
             cross = (ys[:, None] != yt[None, :]).to(zp.dtype) * p.label_cost
-            losses["fa"] = w * p.w_fa * self.fa(zp, zt, extra_cost=cross)
-        metrics = {}
+            fa = self.fa.solve(zp, zt, extra_cost=cross)
+            losses["fa"] = w * p.w_fa * fa.value
+            metrics.update(ot_metrics(self, fa))
         if use_u:
             zpu = self.project(zu)
             if logits_w is None:

@@ -23,7 +23,7 @@ from ..engine.strategies import InnerAdamW
 from ..errors import ConfigError
 from ..losses.label_alignment import label_alignment
 from .base import DistillOutput, Distiller, register_method
-from .fa_only import FAOnly, OTParams, make_fa
+from .fa_only import FAOnly, OTParams, make_fa, ot_metrics
 
 
 @register_method("ucmkd-joint")
@@ -39,11 +39,11 @@ class UCMKDJoint(FAOnly):
         la_teacher_grad: bool = True
 
     def forward(self, batch):
-        logits, zp, losses = self.feature_terms(batch)
+        logits, zp, losses, metrics = self.feature_terms(batch)
         t_head = self.teacher.head(zp)   # frozen head; gradient flows into zp unless la_teacher_grad is off
         losses["la"] = self.params.w_la * label_alignment(logits, t_head, batch.ys,
                                                           teacher_grad=self.params.la_teacher_grad)
-        return DistillOutput(logits, losses)
+        return DistillOutput(logits, losses, metrics)
 
 
 @register_method("ucmkd-bilevel")
@@ -62,8 +62,9 @@ class UCMKDBilevel(Distiller):
     step's CE, whose gradient it takes), ``inner_head_la`` (= inner_head_ce - mean(kappa_y *
     CE(h_T(z), y)), the value the scripts log as their LA loss: the kappa term is computed
     without gradient, so it changes the value, not the step; it is dropped, as in the scripts,
-    where the widths differ) and ``outer_ce``. ``forward`` (evaluation only) returns the outer
-    CE at theta.
+    where the widths differ) and ``outer_ce``; with :attr:`~.base.Distiller.step_diagnostics`, the
+    last FA step's solve (``ot/fa/iterations``, ``ot/fa/plan_entropy``). ``forward`` (evaluation
+    only) returns the outer CE at theta.
     """
 
     projects_features = True
@@ -107,8 +108,8 @@ class UCMKDBilevel(Distiller):
         if stage == "fa":
             if "zt" not in cache:     # the global batch's teacher features (FullPrecisionFA)
                 cache["zt"] = distributed.gather(self.teacher_forward(batch)[0])
-            fa = self.fa(self.project(self.student.features(batch.xs)), cache["zt"])
-            return fa, {"inner_fa": fa}
+            fa = self.fa.solve(self.project(self.student.features(batch.xs)), cache["zt"])
+            return fa.value, {"inner_fa": fa.value, **ot_metrics(self, fa)}
         if stage == "head":
             with torch.no_grad():
                 z = self.student.features(batch.xs)
