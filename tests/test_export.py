@@ -10,7 +10,7 @@ from ucmkd.data.standardize import Standardizer
 from ucmkd.engine import get_teacher
 from ucmkd.errors import DataError
 from ucmkd.export import ExportedStudent, export_student, load_exported
-from ucmkd.methods.ucmkd import UCMKD
+from ucmkd.engine.shadow import CEShadow
 from ucmkd.models import build_classifier
 
 from test_training import small_cfg
@@ -26,7 +26,7 @@ def finished(tmp_path_factory):
     teacher, info = get_teacher(cfg, teacher_data)
     d = tmp_path_factory.mktemp("run")
     mp = pytest.MonkeyPatch()
-    mp.setattr(UCMKD, "select_candidate", lambda self, records: "fallback")
+    mp.setattr(CEShadow, "select", lambda self, records, chosen: "fallback")
     try:
         res = run(cfg, run_dir=d, student=student, teacher_data=teacher_data, teacher=teacher, teacher_info=info)
     finally:

@@ -9,6 +9,8 @@ from scipy.stats import kendalltau
 
 import references as ref
 from ucmkd.data.pairing import Batch
+from ucmkd.engine.distributed import TrainableView
+from ucmkd.engine.shadow import CEShadow
 from ucmkd.methods import METHODS, build_distiller
 from ucmkd.models import build_classifier
 
@@ -195,7 +197,8 @@ def test_ucmkd_terms():
     _, tl = features(teacher, b.xt)
     proj = d.extra["projector"]
     y = b.ys.numpy()
-    out = d(b)
+    shadow = CEShadow.attach(d)              # the trainer's plain-CE shadow adds its loss to the step's
+    out = TrainableView(d, shadow)(b)
 
     def class_kd(s_logits, labels):
         tckd, nckd = ref.dkd_terms(s_logits, tl[labels], labels, 2.0)    # teacher item c has class c

@@ -1,6 +1,7 @@
 """The default distiller ``ucmkd``, its teacher-free control ``pseudo-label``, and the pieces
 they are built from (pseudo-label terms, prior alignment, class prototypes, label-aware OT,
 validation calibration, the validation-gated fallback)."""
+import dataclasses
 import json
 import math
 
@@ -18,7 +19,9 @@ from ucmkd.errors import ConfigError, DataError
 from ucmkd.losses.ot import sinkhorn_cost, cost_matrix
 from ucmkd.losses.prototypes import ClassPrototypes
 from ucmkd.losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
-from ucmkd.methods.ucmkd import UCMKD, ShadowGate
+from ucmkd.engine.distributed import TrainableView
+from ucmkd.engine.shadow import CEShadow, FallbackParams
+from ucmkd.methods.ucmkd import UCMKD
 from ucmkd.methods import METHODS, build_distiller
 from ucmkd.methods.base import DistillOutput, Distiller
 from ucmkd.models import build_classifier
@@ -129,7 +132,7 @@ def test_ucmkd_has_every_term_when_all_unlabelled_items_are_confident():
     d.progress = 0.5
     d.extra["prior"].threshold.fill_(0.0)       # every unlabelled item counts
     out = d(batch)
-    assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u", "ce_fallback"} <= set(out.losses)
+    assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u"} <= set(out.losses)
     assert out.metrics["pl_mask"] == 1.0
 
 
@@ -158,7 +161,7 @@ def test_ucmkd_consistency_labels_the_weak_view_and_trains_the_strong_one(monkey
     xl = d.augment(batch.xs, "weak", d.augment_generator(batch, 2))
     assert len(seen) == 3 and torch.equal(seen[0], xl)                # labelled (weak), weak, strong
     assert torch.equal(seen[1], xw) and torch.equal(seen[2], xst)
-    assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u", "ce_fallback"} <= set(out.losses)
+    assert {"ce", "kd", "la", "fa", "pl", "kd_u", "la_u"} <= set(out.losses)
     # the pseudo-label CE equals the strong view's CE on the weak view's (voted, aligned) labels
     monkeypatch.setattr(type(d.student), "forward", real)
     d.eval()
@@ -181,14 +184,17 @@ def test_ucmkd_augments_labelled_items_of_convolutional_students_only():
 
 
 def test_the_ce_shadow_trains_on_the_labelled_items_as_given(monkeypatch):
+    """ucmkd augments its labelled items inside its forward; the trainer's shadow sees them as
+    the step got them, and its loss joins the step's."""
     teacher, student, batch = tiny(6)
     d = build_distiller("ucmkd", student, teacher, {"n_iter": 10, "labelled_aug": "weak"})
+    shadow = CEShadow.attach(d)
     d.train()
-    fb = d.fallback_model()
     seen = []
-    monkeypatch.setattr(fb, "forward", lambda x, return_features=False: seen.append(x) or d.student.head.weight.new_zeros(len(x), 3))
-    d(batch)
-    assert len(seen) == 1 and torch.equal(seen[0], batch.xs)
+    monkeypatch.setattr(shadow.model, "forward", lambda x, return_features=False: seen.append(x) or d.student.head.weight.new_zeros(len(x), 3))
+    out = TrainableView(d, shadow)(batch)
+    assert len(seen) == 1 and torch.equal(seen[0], batch.xs) and "ce_fallback" in out.losses
+    assert CEShadow.attach(build_distiller("ucmkd", tiny(6)[1], teacher, {"fallback": False})) is None
 
 
 def test_labelled_items_are_augmented_once_when_the_run_augments_every_method(monkeypatch):
@@ -275,28 +281,23 @@ def test_ucmkd_without_an_unlabelled_pool(synth_pair):
 
 
 # ----------------------------------------------------------------------------- fallback gate
+@dataclasses.dataclass
+class _SabotageParams(FallbackParams):
+    fallback: bool = True
+
+
 class _Sabotage(Distiller):
-    """A distiller whose extra term destroys the student; its CE shadow is the fallback, chosen
-    by ucmkd's own rule."""
+    """A distiller whose loss destroys the student; it enables the trainer's CE shadow from its
+    params (any method can), which the gate then selects."""
 
     name = "sabotage"
     uses_teacher = False
-    _U = METHODS.get("ucmkd")
-    Params = _U.Params
-    # ucmkd's gate: its candidates, per-epoch decision (validation size, retirement) and selection
-    candidates, select_candidate, end_epoch, _shadow, _se = (_U.candidates, _U.select_candidate, _U.end_epoch,
-                                                             _U._shadow, _U._se)
-
-    def __init__(self, student, teacher=None, params=None):
-        super().__init__(student, None, self.Params(unlabelled=False))
-        self.add_fallback()
-        self.extra["gate"] = ShadowGate()
+    Params = _SabotageParams
 
     def forward(self, batch):
         logits = self.student(batch.xs)
         wrong = (batch.ys + 1) % self.student.num_classes
-        return DistillOutput(logits, {"bad": F.cross_entropy(logits, wrong),
-                                      "ce_fallback": F.cross_entropy(self.extra["fallback"](batch.xs), batch.ys)})
+        return DistillOutput(logits, {"bad": F.cross_entropy(logits, wrong)})
 
 
 def test_fallback_is_selected_when_it_validates_better_and_survives_resume(synth_pair, tmp_path):
@@ -338,9 +339,12 @@ def test_fallback_never_changes_the_distilled_students_training():
     a = build_distiller("ucmkd", student, teacher, {**params, "fallback": True})
     b = build_distiller("ucmkd", s2, copy.deepcopy(teacher), {**params, "fallback": False})
     for d in (a, b):
+        shadow = CEShadow.attach(d)
+        assert (shadow is not None) == (d is a)
         torch.manual_seed(3)
         opt = torch.optim.AdamW(d.trainable_parameters(), lr=1e-2)
-        STRATEGIES.get("standard")(d, opt, 0.01).step(batch)    # tight clip: clipping is active
+        logs = STRATEGIES.get("standard")(d, opt, 0.01, shadow=shadow).step(batch)    # tight clip: clipping is active
+        assert ("ce_fallback" in logs) == (d is a)
     for (n, p), (_, q) in zip(student.named_parameters(), s2.named_parameters()):
         assert torch.equal(p, q), n          # the shadow shares no arithmetic with the student
 
@@ -434,28 +438,27 @@ def test_bad_params_and_batches_are_named():
 def test_shadow_retires_only_after_a_clear_lead_in_consecutive_epochs():
     teacher, student, _ = tiny(8)
     d = build_distiller("ucmkd", student, teacher, {"retire_after": 0.2, "retire_z": 3.0, "retire_epochs": 2})
-    x, y = torch.randn(100, 1, 12), torch.randint(0, 3, (100,))
+    sh = CEShadow.attach(d)
     # a lead of 0.9 vs 0.6 on n = 100: se = sqrt((0.09 + 0.24) / 100) = 0.0574, 3 se = 0.172 < 0.3
     clear, small = {"val_acc": 0.9, "fallback_val_acc": 0.6}, {"val_acc": 0.7, "fallback_val_acc": 0.6}
-    d.progress = 0.1                        # too early: no count
-    d.end_epoch(x, y, clear)
-    assert int(d.extra["gate"].lead) == 0 and "fallback" in d.candidates()
-    d.progress = 0.3
-    d.end_epoch(x, y, clear)
-    d.end_epoch(x, y, small)                # 0.1 < 3 se = 0.19: the run of leads restarts
-    assert int(d.extra["gate"].lead) == 0 and "fallback" in d.candidates()
-    d.end_epoch(x, y, clear)
-    out = d.end_epoch(x, y, clear)
-    assert out["shadow_active"] == 0.0 and list(d.candidates()) == ["student"]
+    sh.end_epoch(100, 0.1, clear)           # too early: no count
+    assert int(sh.gate.lead) == 0 and "fallback" in sh.candidates()
+    sh.end_epoch(100, 0.3, clear)
+    sh.end_epoch(100, 0.3, small)           # 0.1 < 3 se = 0.19: the run of leads restarts
+    assert int(sh.gate.lead) == 0 and "fallback" in sh.candidates()
+    sh.end_epoch(100, 0.3, clear)
+    out = sh.end_epoch(100, 0.3, clear)
+    assert out["shadow_active"] == 0.0 and sh.candidates() == {}
     # retired: no shadow loss, the student is final whatever the shadow's old record says
     _, _, batch = tiny(8)
-    assert "ce_fallback" not in d(batch).losses
-    assert d.select_candidate({"student": {"val_acc": 0.5}, "fallback": {"val_acc": 0.9}}) == "student"
+    assert sh.losses(batch) == {}
+    assert sh.select({"student": {"val_acc": 0.5}, "fallback": {"val_acc": 0.9}}, "student") == "student"
     # the gate is checkpointed with the method
     state = d.trainable_state_dict()
     d2 = build_distiller("ucmkd", tiny(8)[1], teacher, {})
+    sh2 = CEShadow.attach(d2)
     d2.load_trainable_state_dict(state)
-    assert list(d2.candidates()) == ["student"]
+    assert sh2.candidates() == {}
 
 
 def test_a_retired_shadow_stays_retired_across_resume(tmp_path, monkeypatch):
@@ -470,12 +473,12 @@ def test_a_retired_shadow_stays_retired_across_resume(tmp_path, monkeypatch):
     from ucmkd import RunConfig
     from ucmkd.api import prepare, run
 
-    real = UCMKD.end_epoch
+    real = CEShadow.end_epoch
 
-    def shadow_at_zero(self, x_val, y_val, row):
-        return real(self, x_val, y_val, {**row, "fallback_val_acc": 0.0} if "fallback_val_acc" in row else row)
+    def shadow_at_zero(self, n_val, progress, row):
+        return real(self, n_val, progress, {**row, "fallback_val_acc": 0.0} if "fallback_val_acc" in row else row)
 
-    monkeypatch.setattr(UCMKD, "end_epoch", shadow_at_zero)
+    monkeypatch.setattr(CEShadow, "end_epoch", shadow_at_zero)
     cfg = RunConfig()
     cfg.method.name, cfg.optim.epochs, cfg.teacher.epochs = "ucmkd", 6, 3
     cfg.method.params = {"n_iter": 20, "retire_after": 0.4, "retire_z": 1.0, "retire_epochs": 1}
@@ -496,15 +499,15 @@ def test_the_gate_falls_back_only_beyond_noise():
     """gate_z = 1: the shadow must validate better by more than one standard error of the
     difference of two accuracies on n items, sqrt((a(1-a) + b(1-b)) / n)."""
     teacher, student, _ = tiny(8)
-    d = build_distiller("ucmkd", student, teacher, {"gate_z": 1.0})
-    d.extra["gate"].n_val.fill_(270)
+    d = CEShadow.attach(build_distiller("ucmkd", student, teacher, {"gate_z": 1.0}))
+    d.gate.n_val.fill_(270)
     rec = lambda a, b: {"student": {"val_acc": a}, "fallback": {"val_acc": b}}  # noqa: E731
     se = math.sqrt((0.95 * 0.05 + 0.96 * 0.04) / 270)                           # 0.0178
-    assert d.select_candidate(rec(0.95, 0.95 + 0.9 * se)) == "student"
-    assert d.select_candidate(rec(0.95, 0.96 + 0.02)) == "fallback"             # 0.03 > se(0.95, 0.98)
-    d.extra["gate"].n_val.fill_(20)                                           # tiny validation split
-    assert d.select_candidate(rec(0.50, 0.60)) == "student"                   # se = 0.157
-    assert d.select_candidate(rec(0.30, 0.69)) == "fallback"                  # a chance-level teacher
-    strict = build_distiller("ucmkd", tiny(8)[1], teacher, {"gate_z": 0.0})
-    strict.extra["gate"].n_val.fill_(270)
-    assert strict.select_candidate(rec(0.95, 0.951)) == "fallback"            # gate_z = 0: any lead
+    assert d.select(rec(0.95, 0.95 + 0.9 * se), "student") == "student"
+    assert d.select(rec(0.95, 0.96 + 0.02), "student") == "fallback"             # 0.03 > se(0.95, 0.98)
+    d.gate.n_val.fill_(20)                                           # tiny validation split
+    assert d.select(rec(0.50, 0.60), "student") == "student"                   # se = 0.157
+    assert d.select(rec(0.30, 0.69), "student") == "fallback"                  # a chance-level teacher
+    strict = CEShadow.attach(build_distiller("ucmkd", tiny(8)[1], teacher, {"gate_z": 0.0}))
+    strict.gate.n_val.fill_(270)
+    assert strict.select(rec(0.95, 0.951), "student") == "fallback"            # gate_z = 0: any lead

@@ -425,17 +425,22 @@ class TrainableView(nn.Module):
     the distiller's: what DDP wraps, so the frozen teacher is never part of it (its weights are
     neither broadcast nor given gradient hooks; torchdistill's ``wrap_model`` rule)."""
 
-    def __init__(self, distiller: nn.Module):
+    def __init__(self, distiller: nn.Module, shadow=None):
         super().__init__()
         self.student = distiller.student
         self.extra = distiller.extra
         object.__setattr__(self, "_distiller", distiller)    # not a submodule
+        self.shadow = shadow
 
     def forward(self, batch):
-        return self._distiller(batch)
+        """The distiller's output, with the losses of the trainer's CE shadow (if any) added."""
+        out = self._distiller(batch)
+        if self.shadow is not None:
+            out.losses.update(self.shadow.losses(batch))
+        return out
 
 
-def wrap_ddp(distiller: nn.Module, dp: DataParallel) -> nn.Module:
+def wrap_ddp(distiller: nn.Module, dp: DataParallel, shadow=None) -> nn.Module:
     """``DistributedDataParallel`` over the distiller's trainable modules (:class:`TrainableView`).
 
     ``find_unused_parameters``: a method may leave a trainable module out of a step (a term
@@ -447,7 +452,7 @@ def wrap_ddp(distiller: nn.Module, dp: DataParallel) -> nn.Module:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    view = TrainableView(distiller)
+    view = TrainableView(distiller, shadow)
     device = next(iter(view.parameters())).device
     ids = [device.index] if device.type == "cuda" else None
     # PyTorch 2.13 renamed broadcast_buffers (now a deprecation warning) to forward_sync_buffers

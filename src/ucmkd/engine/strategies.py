@@ -55,10 +55,21 @@ class Strategy:
     gradient scaler instead, and logged as ``skipped_step``)."""
 
     def __init__(self, distiller, optimizer: torch.optim.Optimizer, clip_norm: float = 5.0,
-                 precision: Optional[Precision] = None, dist: Optional[distributed.DataParallel] = None):
+                 precision: Optional[Precision] = None, dist: Optional[distributed.DataParallel] = None,
+                 shadow=None):
         self.distiller, self.optimizer, self.clip_norm = distiller, optimizer, clip_norm
         self.precision = precision if precision is not None else Precision()
         self.dist = dist
+        self.shadow = shadow     # the trainer's CE shadow (ucmkd.engine.shadow), trained in the same step
+
+    def clip_groups(self) -> list:
+        """The distiller's clip groups, with the shadow's parameters in a group of their own (so
+        it never changes the distilled student's update)."""
+        groups = self.distiller.clip_groups()
+        if self.shadow is None:
+            return groups
+        own = {id(q) for q in self.shadow.parameters()}
+        return [[q for q in g if id(q) not in own] for g in groups] + [self.shadow.parameters()]
 
     def step(self, batch) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -78,7 +89,7 @@ class Strategy:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
         finite = True
-        for group in self.distiller.clip_groups():
+        for group in self.clip_groups():
             group = [q for q in group if q.grad is not None]
             if not group:
                 continue
@@ -99,10 +110,14 @@ class Strategy:
 @STRATEGIES.register("standard")
 class StandardStrategy(Strategy):
     def __init__(self, distiller, optimizer, clip_norm: float = 5.0, precision: Optional[Precision] = None,
-                 dist: Optional[distributed.DataParallel] = None):
-        super().__init__(distiller, optimizer, clip_norm, precision, dist)
-        # the forward goes through DDP under data parallelism (its backward averages the gradients)
-        self.model = distiller if dist is None else distributed.wrap_ddp(distiller, dist)
+                 dist: Optional[distributed.DataParallel] = None, shadow=None):
+        super().__init__(distiller, optimizer, clip_norm, precision, dist, shadow)
+        # the forward goes through DDP under data parallelism (its backward averages the
+        # gradients); the view adds the shadow's loss inside that forward
+        if dist is not None:
+            self.model = distributed.wrap_ddp(distiller, dist, shadow)
+        else:
+            self.model = distiller if shadow is None else distributed.TrainableView(distiller, shadow)
 
     def step(self, batch) -> dict:
         where = f"method {self.distiller.name!r}"
@@ -222,12 +237,12 @@ class BilevelStrategy(Strategy):
     """
 
     def __init__(self, distiller, optimizer, clip_norm: float = 5.0, precision: Optional[Precision] = None,
-                 dist: Optional[distributed.DataParallel] = None):
+                 dist: Optional[distributed.DataParallel] = None, shadow=None):
         missing = [h for h in _HOOKS if not callable(getattr(distiller, h, None))]
         if missing:
             raise ConfigError(f"method {distiller.name!r} uses the bilevel strategy but lacks the hooks "
                               f"{', '.join(missing)} (ucmkd.engine.strategies.BilevelHooks)")
-        super().__init__(distiller, optimizer, clip_norm, precision, dist)
+        super().__init__(distiller, optimizer, clip_norm, precision, dist, shadow)
         self._call = _HookCall(distiller)
         self._names = None
 
@@ -285,6 +300,11 @@ class BilevelStrategy(Strategy):
                 theta = inner.step(theta, dict(zip(theta, grads)))
                 logs.update(extra)
         loss, extra = self._run(theta, "bilevel_outer_loss", batch, cache)
+        if self.shadow is not None:       # the shadow's CE joins the outer loss (its parameters are outer ones)
+            with self.precision.autocast():
+                shadow = self.shadow.losses(batch)
+            extra = {**extra, **shadow}
+            loss = loss + sum(shadow.values())
         _check_finite({**extra, "outer_loss": loss}, f"{where} outer step")
         logs.update(extra)
         grads = self._grads(loss, [theta[n] if n in theta else real[n] for n in outer_names], unscale=False)

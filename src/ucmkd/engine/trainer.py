@@ -50,6 +50,7 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .precision import Precision
 
 CHECKPOINT_FORMAT = 2     # latest.pt holds every candidate's best record and weights
+from .shadow import CEShadow
 from .strategies import STRATEGIES, is_diagnostic
 
 
@@ -178,6 +179,7 @@ class Trainer:
         if getattr(sampler, "world_size", 1) != world:
             raise ConfigError(f"trainer: the sampler shards batches for {getattr(sampler, 'world_size', 1)} "
                               f"processes, the run has {world}")
+        self.shadow = CEShadow.attach(distiller)     # a plain-CE shadow, when the method's params enable one
         self.distiller = distiller.to(device)
         self.sampler, self.data, self.optim = sampler, data, optim
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -188,7 +190,8 @@ class Trainer:
         self.logger = logger if self.writer else None
         self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
         self.strategy = STRATEGIES.get(distiller.strategy)(distiller, self.optimizer, optim.clip_norm,
-                                                           precision=Precision(optim.precision, device), dist=dist)
+                                                           precision=Precision(optim.precision, device), dist=dist,
+                                                           shadow=self.shadow)
         self.total_steps = optim.epochs * len(sampler)
         self.warmup_steps = optim.warmup_epochs * len(sampler)
         self.step_count = 0
@@ -288,7 +291,7 @@ class Trainer:
             distributed.broadcast_buffers(self.dist, self._trainable_modules())
             row = {"epoch": self.epoch, "lr": lr, **{f"train_{k}": v / len(self.sampler) for k, v in sums.items()}}
             improved = []
-            cands = self.distiller.candidates()
+            cands = {**self.distiller.candidates(), **(self.shadow.candidates() if self.shadow else {})}
             for name, model in cands.items():
                 cur, better = self._validate(model, self.best.get(name, _blank()))
                 prefix = "" if name == "student" else f"{name}_"
@@ -344,6 +347,8 @@ class Trainer:
         collectives in it) and rank 0's outcome is kept everywhere: its buffers and its logged
         values."""
         logs = self.distiller.end_epoch(*self._eval["val"], dict(row))
+        if self.shadow is not None:
+            logs.update(self.shadow.end_epoch(len(self._eval["val"][1]), self.distiller.progress, row))
         distributed.broadcast_buffers(self.dist, self._trainable_modules())
         return distributed.broadcast_object(self.dist, logs)
 
@@ -359,6 +364,8 @@ class Trainer:
         """The candidate the distiller chooses from :meth:`records`."""
         records = self.records()
         sel = self.distiller.select_candidate(records)
+        if self.shadow is not None:
+            sel = self.shadow.select(records, sel)
         if sel not in records:
             raise DataError(f"method {self.distiller.name!r}: select_candidate chose {sel!r}, not one of the "
                             f"validated candidates {sorted(records)}")

@@ -7,7 +7,6 @@ is the trainer's business (:mod:`ucmkd.engine.strategies`), chosen by ``strategy
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -237,24 +236,10 @@ class Distiller(nn.Module):
         return list(self.student.parameters()) + list(self.extra.parameters())
 
     def clip_groups(self) -> list[list[nn.Parameter]]:
-        """Parameter groups whose gradient norms are clipped separately: one group, plus the
-        fallback shadow's own group when there is one (so it never changes the distilled
-        student's update)."""
-        fb = self.fallback_model()
-        if fb is None:
-            return [self.trainable_parameters()]
-        fb_ids = {id(q) for q in fb.parameters()}
-        return [[q for q in self.trainable_parameters() if id(q) not in fb_ids], list(fb.parameters())]
-
-    def add_fallback(self) -> None:
-        """Add ``extra["fallback"]``: a copy of the (untrained) student that the method trains
-        with plain CE on the labelled batch (its loss is the method's to add; listing it in
-        :meth:`candidates` and choosing it in :meth:`select_candidate` is the method's too)."""
-        self.extra["fallback"] = copy.deepcopy(self.student)
-
-    def fallback_model(self) -> Optional[nn.Module]:
-        """``extra["fallback"]`` if the method added one (:meth:`add_fallback`), else None."""
-        return self.extra["fallback"] if "fallback" in self.extra else None
+        """Parameter groups whose gradient norms are clipped separately (default: one). The
+        trainer's components (e.g. the CE shadow, :mod:`ucmkd.engine.shadow`) are split off into
+        groups of their own by the strategy."""
+        return [self.trainable_parameters()]
 
     # -- hooks the trainer calls ---------------------------------------------------------
     def candidates(self) -> dict[str, nn.Module]:

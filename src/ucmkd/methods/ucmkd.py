@@ -35,7 +35,6 @@ All distillation and unlabelled weights ramp 0 -> 1 over ``warmup`` (a fraction 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,6 +51,7 @@ from ..losses.kd import kd_kl
 from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
+from ..engine.shadow import FallbackParams
 from .fa_only import OTParams, make_fa, ot_metrics
 from .pseudo_label import SemiParams, split_forward
 
@@ -74,7 +74,7 @@ class UCMKD(Distiller):
     requires_unlabelled = False     # fully labelled data: the unlabelled terms are skipped
 
     @dataclass
-    class Params(SemiParams, OTParams):
+    class Params(SemiParams, OTParams, FallbackParams):
         threshold: float = ranged(0.5, 0.0, 1.0)   # lowest pseudo-label confidence the calibration may choose
         grad: str = "envelope"      # OT gradient with the plan held fixed (docs/ot.md): ucmkd's design choice
         w_kd: float = ranged(1.0, 0.0)   # class-level decoupled KD on the student head
@@ -88,15 +88,11 @@ class UCMKD(Distiller):
         label_cost: float = ranged(1.0, 0.0)   # OT cost added across classes (cosine cost is in [0, 2])
         unlabelled: bool = True     # use the student's unlabelled items (pseudo-labels)
         teacher_vote: bool = True   # pseudo-labels average the student and teacher heads
-        fallback: bool = True       # validation-gated fallback to a plain-CE shadow
+        fallback: bool = True       # validation-gated fallback to a plain-CE shadow (ucmkd.engine.shadow: gate_z, retire_*)
         momentum: float = ranged(0.99, 0.0, 1.0, hi_open=True)   # teacher class-mean EMA (per item)
         align_prior: bool = True    # pseudo-label probabilities aligned to the teacher's class prior
         precision: float = ranged(0.95, 0.0, 1.0)   # > 0: threshold recalibrated each epoch to reach this validation precision
         calib_items: int = ranged(1024, 1)   # validation items the per-epoch calibration looks at (a fixed sample)
-        gate_z: float = ranged(0.5, 0.0)   # fall back when the shadow validates better by > gate_z standard errors
-        retire_after: float = ranged(0.2, 0.0, 1.0)   # the CE shadow may retire once this fraction of training is done ...
-        retire_z: float = ranged(3.0, 0.0)   # ... when the student leads it by > retire_z standard errors (val acc) ...
-        retire_epochs: int = ranged(2, 1)   # ... in this many consecutive epochs (then the student is final)
         u_forward: str = "separate"  # separate: own forward (own batch-norm statistics) for the unlabelled items | joint: one
         consistency: bool = False   # pseudo-labels from a weak view of each unlabelled item train its strong view (FixMatch-style)
         labelled_aug: str = "auto"  # augmentation of the student's labelled items (not the CE shadow's): auto (weak for a convolutional student, else none) | none | weak | strong (docs/method.md, "Augmentation")
@@ -116,9 +112,6 @@ class UCMKD(Distiller):
         self.fa = make_fa(p)
         self.extra["protos"] = ClassPrototypes(teacher.num_classes, teacher.feat_dim, p.momentum)
         self.extra["prior"] = PriorAlignment(teacher.num_classes)
-        if p.fallback:
-            self.add_fallback()
-            self.extra["gate"] = ShadowGate()
         self.uses_unlabelled = p.unlabelled
         self.labelled_aug = p.labelled_aug if p.labelled_aug != "auto" else (
             "weak" if is_convolutional(student) else "none")
@@ -131,52 +124,6 @@ class UCMKD(Distiller):
         self.uses_augmentation = self.labelled_aug != "none" or (p.unlabelled and p.consistency)
         if self.input_kind is not None:      # built on a student that knows its kind: policy for the views
             self.set_augmentation(self.input_kind)
-
-    # ----------------------------------------------------------------- candidates
-    def _shadow(self):
-        """The CE shadow while it trains (None once retired or without a fallback)."""
-        fb = self.fallback_model()
-        return fb if fb is not None and bool(self.extra["gate"].active) else None
-
-    def candidates(self) -> dict:
-        fb = self._shadow()
-        return {"student": self.student, **({"fallback": fb} if fb is not None else {})}
-
-    def select_candidate(self, records: dict) -> str:
-        """The CE shadow when its best validation accuracy beats the student's by more than
-        ``gate_z`` standard errors of the difference (distillation that only looks worse by noise
-        is kept); never once the shadow has retired (the student then led it clearly)."""
-        fb = records.get("fallback")
-        if fb is None or not bool(self.extra["gate"].active):
-            return "student"
-        a, b = records["student"]["val_acc"], fb["val_acc"]
-        return "fallback" if b - a > self.params.gate_z * self._se(a, b) else "student"
-
-    def _se(self, a: float, b: float) -> float:
-        """Standard error of a difference of two accuracies a, b on the n validation items (the
-        binomial variance of each; at least 1/n, so one item always counts)."""
-        n = max(1, int(self.extra["gate"].n_val))
-        return max(math.sqrt(max(a * (1 - a) + b * (1 - b), 0.0) / n), 1.0 / n)
-
-    def end_epoch(self, x_val, y_val, row: dict) -> dict:
-        """Calibrate the pseudo-label threshold, then decide whether the CE shadow retires: once
-        ``retire_after`` of training is done, if the student's validation accuracy leads the
-        shadow's by more than ``retire_z`` standard errors (of a difference of two accuracies on
-        n validation items) in ``retire_epochs`` consecutive epochs, the shadow stops training and
-        being validated, and the student is the run's answer. Saves the shadow's cost (about one
-        plain-CE step per step) wherever distillation clearly helps; a harmful teacher keeps it."""
-        out = self.calibrate(x_val, y_val)
-        if self._shadow() is None or "fallback_val_acc" not in row:
-            return out
-        p, gate = self.params, self.extra["gate"]
-        gate.n_val.fill_(len(y_val))
-        a, b = row["val_acc"], row["fallback_val_acc"]
-        lead = self.progress >= p.retire_after and a - b > p.retire_z * self._se(a, b)
-        gate.lead.fill_(int(gate.lead) + 1 if lead else 0)
-        if int(gate.lead) >= p.retire_epochs:
-            gate.active.fill_(False)
-        out["shadow_active"] = float(gate.active)
-        return out
 
     # ----------------------------------------------------------------- validation calibration
     @torch.no_grad()
@@ -326,19 +273,4 @@ class UCMKD(Distiller):
             metrics["pl_mask"] = float(mask.float().mean())
         elif p.unlabelled:
             metrics["pl_mask"] = 0.0
-        fb = self._shadow()
-        if fb is not None:
-            losses["ce_fallback"] = F.cross_entropy(fb(batch.xs), batch.ys)
         return DistillOutput(logits, losses, metrics)
-
-
-class ShadowGate(nn.Module):
-    """State of ucmkd's CE shadow, checkpointed with the method: ``active`` (still training) and
-    ``lead`` (consecutive epochs in which the student led it clearly) and ``n_val`` (validation
-    items behind the accuracies compared)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("active", torch.tensor(True))
-        self.register_buffer("lead", torch.tensor(0))
-        self.register_buffer("n_val", torch.tensor(0))
