@@ -155,7 +155,7 @@ def data_fingerprint(data: ModalityData) -> dict:
 
 
 DatasetBuilder = Callable[[DataConfig], RawModality]
-DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+DATASETS: Registry[DatasetBuilder] = Registry("dataset", code_in_keys=False)   # keyed by their content
 
 
 def register_dataset(name: str):

@@ -21,6 +21,7 @@ from ..data.base import ModalityData, cache_dir
 from ..data.pairing import PairingSampler, loader_options
 from ..errors import DataError
 from ..models import Classifier, build_classifier
+from ..plugins import user_code
 from .checkpoint import apply_threads, load_checkpoint, seed_everything
 from .trainer import Trainer, evaluate
 
@@ -33,10 +34,12 @@ def teacher_key(cfg: RunConfig, data: ModalityData) -> dict:
     dataset = {"name": data.name, "split_seed": d.split_seed, "test_frac": d.test_frac, "val_frac": d.val_frac,
                "fingerprint": data.fingerprint}
     m = cfg.model
-    return {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
-            "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
-            **({"backbone_args": m.teacher_backbone_args} if m.teacher_backbone_args else {}),
-            "train": asdict(cfg.teacher), "version": TEACHER_KEY_VERSION}
+    key = {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
+           "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
+           **({"backbone_args": m.teacher_backbone_args} if m.teacher_backbone_args else {}),
+           "train": asdict(cfg.teacher), "version": TEACHER_KEY_VERSION}
+    code = user_code({k: key[k] for k in ("backbone", "backbone_args") if k in key})   # a plugin's backbone
+    return {**key, "user_code": code} if code else key
 
 
 def build_teacher_model(cfg: RunConfig, data: ModalityData) -> Classifier:
