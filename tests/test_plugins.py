@@ -136,6 +136,20 @@ def test_store_rows_of_other_plugin_code_never_match(tmp_path):
     assert store.find(cell)["user_code"] == code
 
 
+def test_a_plugin_backbone_enters_the_teacher_key(tmp_path):
+    from ucmkd.data import load_modality
+    from ucmkd.engine.teacher import teacher_key
+
+    (tmp_path / "bb.py").write_text("from ucmkd.models.backbones import BACKBONES, mlp\n\n"
+                                    "BACKBONES.register('plug-bb')(lambda input_shape, **kw: mlp(input_shape, **kw))\n")
+    (p,) = load_plugins([str(tmp_path / "bb.py")])
+    cfg = from_dict(RunConfig, BASE)
+    data = load_modality("synthetic/a", cfg.data)
+    assert "user_code" not in teacher_key(cfg, data)
+    cfg.model.teacher_backbone = "plug-bb"
+    assert teacher_key(cfg, data)["user_code"] == {"bb.py": p.digest}
+
+
 # --------------------------------------------------------------------------- loading
 def test_loading_is_idempotent_and_an_edit_reloads(tmp_path, monkeypatch):
     path = write_plugin(tmp_path / "idem.py", "plug-idem")

@@ -63,7 +63,9 @@ def build_other_modality(cfg: RunConfig, data: ModalityData, feat_dim: int) -> C
 
 
 def load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
-    """(student, teacher) modalities of ``cfg.data``, checked to share one label space."""
+    """(student, teacher) modalities of ``cfg.data``, checked to share one label space (the
+    config's ``plugins`` imported first)."""
+    load_plugins(cfg.plugins, where="plugins")
     student, teacher = _load_pair(cfg)
     check_compatible(student, teacher)
     return student, teacher
