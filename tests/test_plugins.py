@@ -14,7 +14,7 @@ import yaml
 
 import ucmkd
 from ucmkd import plugins as plugins_mod
-from ucmkd.api import key_config, run_key
+from ucmkd.api import key_config, prepare, run_key
 from ucmkd.cli import main
 from ucmkd.config import RunConfig, from_dict, load_config, to_dict
 from ucmkd.errors import ConfigError
@@ -96,6 +96,8 @@ def test_configs_without_plugins_keep_their_keys():
     assert run_key(cfg) == "626b16518e"
     assert Cell("mild", "ce", 0, cfg, Path("x")).store_key == "mild|ce|626b16518e"
     assert "user_code" not in key_config(cfg) and "plugins" not in key_config(cfg)
+    # the run directory's content key (config, data fingerprints, student architecture), pinned too
+    assert prepare(cfg).key == "09d9d812e78c"
 
 
 def test_a_method_registered_from_python_is_keyed_by_its_file():
@@ -216,6 +218,26 @@ def test_entry_points_are_loaded_by_the_cli(tmp_path, monkeypatch, capsys):
     assert seen == ["ucmkd.plugins", "ucmkd.plugins"]
     assert "plug-ep-ce" in capsys.readouterr().out.split("methods:")[1].splitlines()[0]
     assert "plug_ep_mod:register" in plugins_mod.loaded_specs()
+
+
+def test_yaml_plugins_are_read_against_the_file_and_loaded_before_validation(tmp_path, monkeypatch):
+    from ucmkd.config import ExperimentConfig, SuiteConfig
+    from ucmkd.experiment import validate_experiment
+
+    write_plugin(tmp_path / "cfg" / "lib" / "yaml_plugin.py", "plug-yaml")
+    (tmp_path / "cfg" / "exp.yaml").write_text(yaml.safe_dump(
+        {"plugins": ["lib/yaml_plugin.py"], "methods": ["ce", "plug-yaml-ce"], "directions": [["plug-yaml/a", "plug-yaml/b"]]}))
+    (tmp_path / "cfg" / "suite.yaml").write_text(yaml.safe_dump(
+        {"base": {"plugins": ["./lib/yaml_plugin.py"], "method": {"name": "plug-yaml-ce"}}}))
+    monkeypatch.chdir(tmp_path)                       # elsewhere: the paths are the YAML file's
+    absolute = str((tmp_path / "cfg" / "lib" / "yaml_plugin.py").resolve())
+    exp = load_config(ExperimentConfig, tmp_path / "cfg" / "exp.yaml")
+    assert exp.plugins == [absolute]
+    validate_experiment(exp)                          # the plugin's method validates
+    suite = load_config(SuiteConfig, tmp_path / "cfg" / "suite.yaml")
+    assert suite.base.plugins == [absolute] and suite.base.method.name == "plug-yaml-ce"
+    with pytest.raises(ConfigError, match=r"suite\.yaml: plugin '.*missing\.py' \(base\.plugins\): no such file"):
+        load_config(SuiteConfig, tmp_path / "cfg" / "suite.yaml", ["base.plugins=[missing.py]"])
 
 
 # --------------------------------------------------------------------------- end to end
