@@ -208,6 +208,14 @@ def _entries() -> set:
     return {(r.kind, n) for r in Registry.instances for n in r.names()}
 
 
+def _ucmkd_own(entry: tuple) -> bool:
+    """Whether registered ``entry`` is ucmkd's own code (a ucmkd module a plugin imports may
+    register its entries then: they are not the plugin's)."""
+    kind, name = entry
+    objs = [r.get(name) for r in Registry.instances if r.kind == kind and name in r]
+    return bool(objs) and all(_ours(o) and not _definitions(o) for o in objs)
+
+
 def _unregister(entries: Iterable[tuple]) -> None:
     for kind, name in entries:
         for r in Registry.instances:
@@ -294,12 +302,17 @@ def _drop_modules(name: str) -> None:
 
 
 def _failure(spec: str, where: str, e: BaseException) -> str:
-    """The message of a plugin whose import raised ``e``, with the line it raised at."""
+    """The message of a plugin whose import raised ``e``, with the line it raised at: the last
+    one in the plugin's own files when it is a path, else the last one outside ucmkd."""
     at = ""
     if isinstance(e, SyntaxError) and e.filename:
         at = f" (at {e.filename}:{e.lineno})"
     else:
         frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<frozen")]
+        ucmkd_dir = str(Path(__file__).resolve().parent) + os.sep
+        mine = ([f for f in frames if f.filename == spec or f.filename.startswith(spec + os.sep)]
+                if is_path(spec) else [])
+        frames = mine or [f for f in frames if not f.filename.startswith(ucmkd_dir)] or frames
         if frames:
             at = f" (at {frames[-1].filename}:{frames[-1].lineno})"
     return f"plugin {spec!r}{where} failed to import: {type(e).__name__}: {e}{at}"
@@ -341,7 +354,8 @@ def load_plugin(spec: str, base_dir: Optional[str | Path] = None, where: str = "
     label = name if not is_path(spec) else Path(spec).name
     plugin = Plugin(spec=spec, label=label, module=name, files=files, stamp=_stamp(files),
                     digest=digest(_sha(f, fresh=True) for f in files),
-                    provides=frozenset(provides if provides is not None else _entries() - before))
+                    provides=frozenset(provides if provides is not None else
+                                       [e for e in _entries() - before if not _ucmkd_own(e)]))
     _LOADED[spec] = plugin
     return plugin
 
