@@ -13,6 +13,7 @@ from .errors import ConfigError, DataError, NumericalError, UcmkdError
 from .experiment import run_experiment
 from .export import load_student
 from .methods import Distiller, register_method
+from .plugins import load_plugins
 from .recipes import recipe_config
 
 from ._version import __version__
@@ -20,4 +21,4 @@ from ._version import __version__
 __all__ = ["RunConfig", "ExperimentConfig", "load_config", "run", "prepare", "RunContext", "run_experiment",
            "build_student", "load_pair",
            "load_modality", "register_dataset", "PairingSampler", "Trainer", "get_teacher", "Distiller",
-           "register_method", "recipe_config", "load_student", "ConfigError", "DataError", "NumericalError", "UcmkdError"]
+           "register_method", "load_plugins", "recipe_config", "load_student", "ConfigError", "DataError", "NumericalError", "UcmkdError"]

@@ -34,11 +34,13 @@ from .engine import Trainer, apply_threads, distributed, evaluate, get_teacher, 
 from .errors import ConfigError, DataError
 from .methods import METHODS
 from .models import Classifier, build_classifier
+from .plugins import load_plugins, user_code
 from .provenance import versions
 
 RUN_KEY_FILE = "key.json"
-#: RunConfig fields that never change a result, left out of every key
-UNKEYED = ("device", "threads", "logging")
+#: RunConfig fields that never change a result, left out of every key (``plugins``: where code
+#: comes from; the code of theirs a run uses enters as ``user_code``, :func:`key_config`)
+UNKEYED = ("device", "threads", "logging", "plugins")
 #: fields added after runs were published, left out of keys while at these defaults (which
 #: reproduce the earlier behaviour), so the keys of earlier runs stay valid
 LATER_DEFAULTS = {("pairing", "unlabelled_ratio"): 1.0, ("data", "options"): {}, ("augment",): {"labelled": "none", "policy": None},
@@ -65,7 +67,9 @@ def build_other_modality(cfg: RunConfig, data: ModalityData, feat_dim: int) -> C
 
 
 def load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
-    """(student, teacher) modalities of ``cfg.data``, checked to share one label space."""
+    """(student, teacher) modalities of ``cfg.data``, checked to share one label space (the
+    config's ``plugins`` imported first)."""
+    load_plugins(cfg.plugins, where="plugins")
     student, teacher = _load_pair(cfg)
     check_compatible(student, teacher)
     return student, teacher
@@ -91,7 +95,9 @@ def key_config(cfg: RunConfig) -> dict:
     fingerprint carries (``DataConfig.FINGERPRINT_FIELDS``: the folder datasets' options). With
     ``teacher.checkpoint`` the teacher section is that file's content hash alone
     (``{"checkpoint": {"sha256": ...}}``: where the file lies and the unused training schedule do
-    not matter)."""
+    not matter). ``user_code``: the content hashes of the code outside ucmkd it names (plugins'
+    methods, backbones, ...: :func:`ucmkd.plugins.user_code`), absent when it uses ucmkd's alone
+    (so its key is unchanged)."""
     d = to_dict(cfg)
     files = file_digests(cfg)
     if "teacher.checkpoint" in files:
@@ -107,6 +113,9 @@ def key_config(cfg: RunConfig) -> dict:
             node = node[part]
         if node.get(path[-1]) == default:
             node.pop(path[-1])
+    code = user_code(d)
+    if code:
+        d["user_code"] = code
     return d
 
 
@@ -249,6 +258,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
     (:func:`ucmkd.engine.distributed.init_from_env`); rank 0 loads the data and trains the
     teacher (building their caches) before the other ranks load them."""
     check_ranges(cfg)                  # a config built in Python never went through from_dict
+    load_plugins(cfg.plugins, where="plugins")    # a config built in Python: its plugins not imported yet
     method_cls = METHODS.get(cfg.method.name)
     params = method_cls.parse_params(cfg.method.params)
     check_device(cfg.device)
@@ -386,7 +396,8 @@ def run(cfg: RunConfig, run_dir: Optional[str | Path] = None, student: Optional[
 
     Result keys: method, seed, teacher/student names, test_acc (at best val epoch), val_acc,
     best_epoch, last_test_acc, epochs, teacher_test_acc, seconds, sampler, diag_* (alignment
-    diagnostics), params, run_dir, key, fingerprints; ``selected`` (the candidate returned:
+    diagnostics), params, run_dir, key, fingerprints, versions, user_code (the content hashes of
+    the plugin code the run used, :func:`ucmkd.plugins.user_code`; ``{}`` for none); ``selected`` (the candidate returned:
     "student", or e.g. "fallback" when ucmkd's CE shadow validated better) and ``candidates``
     (each candidate's best-validation epoch, val and test accuracy); ``distiller`` (holding the
     returned student; not in result.json).
@@ -468,7 +479,8 @@ def _result(ctx: RunContext, fit, run_dir: Optional[Path], t0: float) -> dict:
         "seconds": time.time() - t0, "world_size": ctx.world_size, "sampler": ctx.sampler.summary(),
         **{f"diag_{k}": v for k, v in diag.items()},
         "params": asdict(ctx.params), "run_dir": str(run_dir) if run_dir else None, "key": ctx.key,
-        "fingerprints": ctx.fingerprints, "versions": versions(), "runtime": fit.runtime,
+        "fingerprints": ctx.fingerprints, "versions": versions(),
+        "user_code": ctx.key_parts["config"].get("user_code", {}), "runtime": fit.runtime,
     }
 
 

@@ -3,7 +3,8 @@ launches with PyTorch's launcher (:func:`ucmkd.grid.run_cells`)::
 
     python -m torch.distributed.run --standalone --nproc_per_node=N -m ucmkd.cell CELL.json RUN_DIR
 
-CELL.json holds the cell's resolved run config; every rank runs the grid's cell function
+CELL.json holds ``{"config": the cell's resolved run config, "plugins": [specs]}``; every rank
+imports the plugins (:mod:`ucmkd.plugins`) and runs the grid's cell function
 (:func:`ucmkd.grid._run_cell`), rank 0 writes ``RUN_DIR/result.json``. A ucmkd error is printed
 as ``ucmkd: error: ...`` (the grid reports it) and exits with status 2.
 """
@@ -22,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
     spec, run_dir = sys.argv[1:] if argv is None else argv
     try:
-        _run_cell(json.loads(Path(spec).read_text()), run_dir, None)
+        cell = json.loads(Path(spec).read_text())
+        _run_cell(cell["config"], run_dir, None, cell.get("plugins"))
     except UcmkdError as e:
         print(f"ucmkd: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,10 @@
     ucmkd plot RUN_DIR [--ce RUN_DIR] [--method tsne|umap] [--out FILE]
     ucmkd export RUN_DIR [--format state_dict|torchscript] [--out FILE]
     ucmkd list
+
+Every command takes ``--plugin MODULE_OR_FILE`` (repeatable, before or after the command name):
+user code registering datasets, methods, ... (docs/plugins.md), imported before anything is
+read, after the ``ucmkd.plugins`` entry points of the installed distributions.
 """
 from __future__ import annotations
 
@@ -154,8 +158,16 @@ def _cmd_list(a) -> int:
     return 0
 
 
+PLUGIN_HELP = ("a plugin to import first: a module name or a .py file or package directory that registers "
+               "datasets, methods, ... (repeatable; docs/plugins.md)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ucmkd", description="Cross-modal knowledge distillation without paired data.")
+    # before the command (``ucmkd --plugin X bench ...``) and after it, in their own lists: a
+    # sub-command's defaults would overwrite one shared list
+    p.add_argument("--plugin", dest="plugins_before", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help=PLUGIN_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run an experiment grid (methods x seeds x directions) and report")
@@ -218,6 +230,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list datasets, methods, backbones, metrics, presets and recipes")
     ls.set_defaults(fn=_cmd_list)
+    for sp in sub.choices.values():
+        sp.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help=PLUGIN_HELP)
     return p
 
 
@@ -229,14 +244,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = make_parser().parse_args(rest)
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + overrides
+    args.plugins = args.plugins_before + args.plugins
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     from .engine import distributed
 
+    from .plugins import load_entry_points, load_plugins
+
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        load_entry_points()
+        load_plugins(args.plugins, where="--plugin")
         return args.fn(args)
     except UcmkdError as e:
         print(f"ucmkd: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -318,6 +319,10 @@ class RunConfig:
     # defaults and the mapping's own values when this config is built from a mapping (YAML file,
     # key=value overrides, ``from_dict``); see docs/reproduction.md
     recipe: Optional[str] = None
+    # plugins imported before this config is read and wherever it runs (ucmkd.plugins): module
+    # names or paths (relative ones read against the YAML file's directory); not part of run keys,
+    # the code of theirs a run uses is (docs/plugins.md)
+    plugins: list = field(default_factory=list)
 
     #: the recipe layer (:mod:`ucmkd.recipes`, which registers itself here: recipes sit above the
     #: config and the methods they validate): ``check(name)`` and ``expand(data, path)``
@@ -357,6 +362,7 @@ class ExperimentConfig:
                                                       ["digits/signal", "digits/image"]])
     out_dir: str = "outputs/digits"
     quick: dict = field(default_factory=dict)    # dotted overrides applied by --quick
+    plugins: list = field(default_factory=list)  # imported before the grid is read (docs/plugins.md)
 
 
 @dataclass
@@ -397,6 +403,7 @@ class SuiteConfig:
     workers: int = ranged(1, 1)              # cells run side by side
     nproc_per_cell: int = ranged(1, 1)       # > 1: each cell trains data-parallel in this many processes (torchrun)
     headline: HeadlineConfig = field(default_factory=HeadlineConfig)
+    plugins: list = field(default_factory=list)  # imported before the suite is read (docs/plugins.md)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -476,6 +483,11 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if unknown:
         raise ConfigError(f"unknown field {_join(path, unknown[0])!r}; known fields of "
                           f"{where}: {', '.join(sorted(known))}")
+    if "plugins" in known and data.get("plugins"):
+        # imported before any field is read: a plugin's dataset or method names validate
+        specs = _coerce(data["plugins"], list, _join(path, "plugins"))
+        data = {**data, "plugins": [resolve_spec(s) for s in specs]}
+        _plugin_loader()(data["plugins"], where=_join(path, "plugins"))
     kwargs = {}
     for f in fields(cls):
         if f.name in data:
@@ -562,16 +574,64 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """Defaults <- ``base`` dict <- YAML file <- ``key=value`` overrides, validated into ``cls``."""
     data = dict(base or {})
     if path is not None:
-        try:
-            data = deep_merge(data, load_yaml(path))
-        except ConfigError:
-            raise
+        data = deep_merge(data, resolve_plugin_paths(cls, load_yaml(path), Path(str(path)).parent))
     if overrides:
         data = deep_merge(data, parse_overrides(overrides))
     try:
         return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def is_path(spec: str) -> bool:
+    """Whether plugin ``spec`` names a file or directory (``.py`` suffix or a path separator)
+    rather than a module."""
+    return spec.endswith(".py") or "/" in spec or os.sep in spec or spec.startswith(("~", "."))
+
+
+def resolve_spec(spec: str, base_dir: Optional[str | Path] = None) -> str:
+    """Plugin ``spec`` as loaded: a path made absolute (a relative one against ``base_dir``,
+    default the working directory); a module name as given."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"plugin spec: expected a module name or a path, got {spec!r}")
+    spec = spec.strip()
+    if not is_path(spec):
+        return spec
+    p = Path(spec).expanduser()
+    if not p.is_absolute():
+        p = Path(base_dir if base_dir is not None else os.getcwd()) / p
+    return str(p.resolve())
+
+
+_PLUGIN_LOADER: list = []
+
+
+def register_plugin_loader(fn) -> None:
+    """Set the function that imports a config's ``plugins`` (:func:`ucmkd.plugins.load_plugins`,
+    which registers itself: the plugin layer sits above the config)."""
+    _PLUGIN_LOADER[:] = [fn]
+
+
+def _plugin_loader():
+    if not _PLUGIN_LOADER:     # importing any ucmkd module imports the package, which loads the plugin layer
+        raise ConfigError("plugins: the plugin loader is not set (ucmkd.plugins not imported)")
+    return _PLUGIN_LOADER[0]
+
+
+def resolve_plugin_paths(cls: type, data: dict, base_dir: Path) -> dict:
+    """``data`` (a YAML mapping read into ``cls``) with the relative paths of its ``plugins``
+    lists (``cls``'s and those of its dataclass sections, e.g. a suite's ``base``) read against
+    ``base_dir``."""
+    if not is_dataclass(cls) or not isinstance(data, dict):
+        return data
+    hints, out = typing.get_type_hints(cls), dict(data)
+    for f in fields(cls):
+        v = out.get(f.name)
+        if f.name == "plugins" and isinstance(v, list):
+            out[f.name] = [resolve_spec(s, base_dir) if isinstance(s, str) and s.strip() else s for s in v]
+        elif is_dataclass(hints[f.name]) and isinstance(v, dict):
+            out[f.name] = resolve_plugin_paths(hints[f.name], v, base_dir)
+    return out
 
 
 def builtin_yaml(package: str) -> list[str]:

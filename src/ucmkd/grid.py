@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig, deep_merge, from_dict, nest, to_dict
 from .errors import ConfigError, DataError, UcmkdError
+from .plugins import loaded_specs
 from .provenance import code_version
 
 VARIANT_KEYS = {"method", "params", "overrides"}
@@ -110,11 +111,14 @@ class ResultStore:
         row recorded on other data content is not a match (rows that predate fingerprints are).
         A config naming files whose content keys its runs (:func:`ucmkd.api.file_digests`, e.g. a
         teacher checkpoint) matches by store key only: its stored config cannot tell the file's
-        old content from its new one."""
-        from .api import file_digests
+        old content from its new one. A row recorded with other plugin code (``user_code``) is
+        never a match; rows without it match only cells that use no plugin code."""
+        from .api import file_digests, key_config
 
         key = cell.store_key
-        cands = self._by_cell.get((cell.setting, cell.label, cell.seed), [])
+        code = key_config(cell.cfg).get("user_code", {})
+        cands = [r for r in self._by_cell.get((cell.setting, cell.label, cell.seed), [])
+                 if (r.get("user_code") or {}) == code]
         if fingerprints:
             cands = [r for r in cands if all((r.get("fingerprints") or {}).get(k, v) == v
                                              for k, v in fingerprints.items())]
@@ -202,14 +206,17 @@ def data_fingerprints(cfg: RunConfig) -> dict:
     return {"student_data": content_key(student.fingerprint), "teacher_data": content_key(teacher_data.fingerprint)}
 
 
-def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
-    """Worker entry point (also called in-process): train one cell, return its result row. A
-    cell directory left by another config of the same cell (a suite edited after an interrupted
+def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int], plugins: Optional[list] = None) -> dict:
+    """Worker entry point (also called in-process): train one cell, return its result row.
+    ``plugins``: the specs of the plugins the grid's process loaded, imported first. A cell
+    directory left by another config of the same cell (a suite edited after an interrupted
     run) is renamed ``<dir>.stale-<old key>``: kept, never resumed, never deleted."""
     import torch
 
     from .api import run_context
+    from .plugins import load_plugins
 
+    load_plugins(plugins)
     if threads:
         torch.set_num_threads(threads)
     cfg = from_dict(RunConfig, cfg_dict)
@@ -218,15 +225,15 @@ def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int]) -> dict:
     return res
 
 
-def _run_cell_torchrun(cfg_dict: dict, run_dir: str, nproc: int) -> dict:
+def _run_cell_torchrun(cfg_dict: dict, run_dir: str, nproc: int, plugins: Optional[list] = None) -> dict:
     """Train one cell in ``nproc`` data-parallel processes (``torch.distributed.run`` in a
-    subprocess running :mod:`ucmkd.cell`) and return the result rank 0 wrote. A failure raises
-    a UcmkdError with the processes' own error message."""
+    subprocess running :mod:`ucmkd.cell`, which imports ``plugins`` first) and return the result
+    rank 0 wrote. A failure raises a UcmkdError with the processes' own error message."""
     from .cache import read_json
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "cell.json"
-        spec.write_text(json.dumps(cfg_dict, default=str))
+        spec.write_text(json.dumps({"config": cfg_dict, "plugins": list(plugins or [])}, default=str))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "ucmkd.cell", str(spec), str(run_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -283,6 +290,7 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
             log(f"teacher {c.cfg.data.teacher}: test acc {100 * info['test_acc']:.1f}% "
                 f"(val {100 * info['val_acc']:.1f}%), {info['path']}")
     version = code_version()
+    plugins = loaded_specs()       # every process that runs a cell imports them first
     bar = tqdm(total=len(todo), desc="runs", disable=not progress)
 
     def record(cell: Cell, res: dict) -> None:
@@ -296,7 +304,7 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
 
     if nproc_per_cell > 1:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:    # each thread waits on one torchrun
-            futures = {pool.submit(_run_cell_torchrun, to_dict(c.cfg), str(c.run_dir), nproc_per_cell): c
+            futures = {pool.submit(_run_cell_torchrun, to_dict(c.cfg), str(c.run_dir), nproc_per_cell, plugins): c
                        for c in todo}
             try:
                 for fut in as_completed(futures):
@@ -312,13 +320,13 @@ def run_cells(cells: list[Cell], store: ResultStore, workers: int = 1, progress:
                     fut.cancel()
     elif workers <= 1 or len(todo) <= 1:
         for c in todo:
-            record(c, _run_cell(to_dict(c.cfg), str(c.run_dir), None))
+            record(c, _run_cell(to_dict(c.cfg), str(c.run_dir), None, plugins))
     else:
         import multiprocessing as mp
 
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
         try:
-            futures = {pool.submit(_run_cell, to_dict(c.cfg), str(c.run_dir), 1): c for c in todo}
+            futures = {pool.submit(_run_cell, to_dict(c.cfg), str(c.run_dir), 1, plugins): c for c in todo}
             for fut in as_completed(futures):
                 cell = futures[fut]
                 try:

@@ -1,7 +1,7 @@
 """Name -> object registries (datasets, backbones, methods, strategies)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+from typing import Callable, ClassVar, Dict, Generic, Iterator, List, TypeVar
 
 from .errors import ConfigError
 
@@ -14,11 +14,19 @@ class Registry(Generic[T]):
     >>> METHODS = Registry("method")
     >>> @METHODS.register("ce")
     ... class CE: ...
+
+    ``code_in_keys=False``: what an entry produces is keyed by content wherever it is used (a
+    dataset: its arrays), so the entry's source code stays out of run keys (:mod:`ucmkd.plugins`).
     """
 
-    def __init__(self, kind: str):
+    #: every registry made, in order: plugins see what an import registered (:mod:`ucmkd.plugins`)
+    instances: ClassVar[List["Registry"]] = []
+
+    def __init__(self, kind: str, code_in_keys: bool = True):
         self.kind = kind
+        self.code_in_keys = code_in_keys
         self._items: Dict[str, T] = {}
+        Registry.instances.append(self)
 
     def register(self, name: str) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -28,6 +36,10 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a plugin re-imported after an edit registers it again)."""
+        self._items.pop(name, None)
 
     def get(self, name: str) -> T:
         try:

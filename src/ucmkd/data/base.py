@@ -158,7 +158,7 @@ def data_fingerprint(data: ModalityData) -> dict:
 
 
 DatasetBuilder = Callable[[DataConfig], RawModality]
-DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+DATASETS: Registry[DatasetBuilder] = Registry("dataset", code_in_keys=False)   # keyed by their content
 #: dataset name -> the sections of :class:`DataConfig` its builder reads (``DataConfig.SECTIONS``,
 #: e.g. ``("spoken",)``); None: not declared, so every section keys its runs
 DATASET_READS: dict = {}

@@ -28,6 +28,7 @@ from ..data.pairing import PairingSampler, loader_options
 from ..errors import DataError
 from ..models import Classifier, build_classifier
 from ..models.scripted import scripted_classifier
+from ..plugins import user_code
 from .checkpoint import apply_threads, load_checkpoint, seed_everything
 from .trainer import Trainer, evaluate
 
@@ -44,10 +45,12 @@ def teacher_key(cfg: RunConfig, data: ModalityData) -> dict:
     train = {k: v for k, v in asdict(cfg.teacher).items() if k != "checkpoint"}
     source = ({"train": train} if cfg.teacher.checkpoint is None else
               {"checkpoint": {"sha256": file_sha256(cfg.teacher.checkpoint, "teacher.checkpoint")}})
-    return {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
-            "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
-            **({"backbone_args": m.teacher_backbone_args} if m.teacher_backbone_args else {}),
-            **source, "version": TEACHER_KEY_VERSION}
+    key = {"dataset": dataset, "input_shape": list(data.input_shape), "classes": list(data.classes),
+           "backbone": m.teacher_backbone, "width": m.teacher_width, "feat_dim": m.teacher_feat_dim,
+           **({"backbone_args": m.teacher_backbone_args} if m.teacher_backbone_args else {}),
+           **source, "version": TEACHER_KEY_VERSION}
+    code = user_code({k: key[k] for k in ("backbone", "backbone_args") if k in key})   # a plugin's backbone
+    return {**key, "user_code": code} if code else key
 
 
 def build_teacher_model(cfg: RunConfig, data: ModalityData) -> Classifier:
