@@ -418,7 +418,7 @@ def test_preflight_applies_needs_pairs_before_any_teacher_trains(tmp_path, monke
 
 
 def test_bad_pairing_fails_before_any_teacher_trains(tmp_path, monkeypatch):
-    import ucmkd.api as api
+    import ucmkd.assembly as api
 
     def no_teacher(*a, **k):
         raise AssertionError("a teacher was trained before the config was checked")
@@ -460,7 +460,7 @@ def test_every_row_of_the_error_matrix_has_a_test():
     (["method.name=reviewkd"], r"ReviewKD needs multi-stage feature maps"),
 ])
 def test_run_mistakes_fail_before_the_teacher_trains(tmp_path, monkeypatch, overrides, message):
-    import ucmkd.api as api
+    import ucmkd.assembly as api
 
     def no_teacher(*a, **k):
         raise AssertionError("a teacher was trained before the run was checked")

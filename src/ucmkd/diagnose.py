@@ -210,7 +210,7 @@ def ce_probe(pcfg: RunConfig, data, train_idx: np.ndarray, eval_idx: np.ndarray)
     test split is never read)."""
     from dataclasses import replace
 
-    from .api import build_student
+    from .assembly import build_student
     from .config import PairingConfig
     from .data import PairingSampler
     from .engine import Trainer, seed_everything
@@ -235,7 +235,8 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
     ``predict``, the predicted gain of ``ucmkd`` over ``ce`` and a verdict (``model``: a
     :class:`GainModel`, default the shipped one). Data and teacher may be passed in as for
     :func:`ucmkd.run`."""
-    from .api import check_data, load_pair
+    from .assembly import load_pair
+    from .checks import check_data
     from .data import PairingSampler, check_compatible
     from .diagnostics import alignment_diagnostics
     from .engine import apply_threads, evaluate, get_teacher

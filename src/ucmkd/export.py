@@ -27,7 +27,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .api import RUN_KEY_FILE, run_key_parts
+from .keys import RUN_KEY_FILE, run_key_parts
 from .cache import atomic_path, read_json
 from .config import RunConfig, load_config
 from .data.standardize import NORMALISATION_FILE, Standardizer

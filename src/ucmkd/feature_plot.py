@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .api import run_key_parts
+from .keys import run_key_parts
 from .errors import ConfigError, DataError
 
 EMBEDDINGS = ("tsne", "umap")
@@ -169,7 +169,7 @@ def plot_features(run_dir: str | Path, ce_dir: Optional[str | Path] = None, meth
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .api import load_pair
+    from .assembly import load_pair
     from .export import load_student
 
     if method not in EMBEDDINGS:

@@ -42,7 +42,7 @@ class Cell:
 
     @property
     def store_key(self) -> str:
-        from .api import run_key
+        from .keys import run_key
 
         return f"{self.setting}|{self.label}|{run_key(self.cfg)}"
 
@@ -113,7 +113,7 @@ class ResultStore:
         teacher checkpoint) matches by store key only: its stored config cannot tell the file's
         old content from its new one. A row recorded with other plugin code (``user_code``) is
         never a match; rows without it match only cells that use no plugin code."""
-        from .api import file_digests, key_config
+        from .keys import file_digests, key_config
 
         key = cell.store_key
         code = key_config(cell.cfg).get("user_code", {})
@@ -175,7 +175,7 @@ _DATA_CACHE: dict = {}
 def _load(cfg: RunConfig):
     """(student, teacher) modalities, memoised by the data config for one grid invocation
     (unchecked: :func:`ucmkd.api.prepare` checks them, once per run)."""
-    from .api import _load_pair
+    from .assembly import _load_pair
 
     key = json.dumps([asdict(cfg.data)], sort_keys=True, default=str)
     if key not in _DATA_CACHE:
@@ -187,7 +187,7 @@ def _context(cfg: RunConfig, train_teacher: bool = True):
     """The :class:`~ucmkd.api.RunContext` of a cell. Its teacher is trained (or loaded from the
     cache) for every method, so that teacher-free methods get their alignment diagnostics too;
     ``train_teacher=False``: an untrained one (preflight)."""
-    from .api import _get_teacher, prepare
+    from .assembly import _get_teacher, prepare
     from .engine import distributed
 
     dp = distributed.init_from_env(cfg.device)       # a cell under torchrun (ucmkd.cell)
