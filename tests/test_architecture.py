@@ -66,3 +66,23 @@ def test_no_import_cycle_among_ucmkd_modules():
     assert len(graph) > 50 and graph["ucmkd.api"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _calls(name: str) -> list:
+    """(module, line) of every call of ``name(...)`` in src/ucmkd."""
+    out = []
+    for p in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == name:
+                out.append((p.relative_to(SRC.parent).as_posix(), node.lineno))
+    return out
+
+
+def test_a_run_is_assembled_in_one_place():
+    """Every Trainer and PairingSampler (teacher training and the diagnose probe included) is
+    built by ucmkd.assembly; every model from a ModelConfig by models.build_model."""
+    for name in ("Trainer", "PairingSampler"):
+        sites = _calls(name)
+        assert [m for m, _ in sites] == ["ucmkd/assembly.py"], f"{name}( built in {sites}"
+    assert {m for m, _ in _calls("build_classifier")} <= {"ucmkd/models/backbones.py", "ucmkd/export.py",
+                                                         "ucmkd/models/adapters.py"}

@@ -93,3 +93,26 @@ def test_least_squares_map_against_numpy():
     # float32 weights of a float64 solution: relative rounding 2^-24 per entry
     np.testing.assert_allclose(lin.weight.detach().numpy(), w.T, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(lin.bias.detach().numpy(), b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_plot_reads_the_runs_recorded_draw_even_under_a_marginal_mismatch(tmp_path):
+    """A run records its sampler's draw (draw.npz); the plot reads it. Under
+    pairing.mismatch_ratio the labelled items depend on the teacher pool, so a redraw without the
+    teacher would differ: the fallback for runs without draw.npz redraws with it."""
+    from ucmkd.api import prepare
+    from ucmkd.data.pairing import DRAW_FILE, read_draw
+    from ucmkd.export import load_student
+    from ucmkd.feature_plot import _labelled
+
+    cfg = small_cfg("ucmkd", epochs=1)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.pairing.mismatch_ratio = 0.5
+    run(cfg, run_dir=tmp_path / "r")
+    ctx = prepare(cfg)
+    draw = read_draw(tmp_path / "r" / DRAW_FILE)
+    assert np.array_equal(draw["labelled"], ctx.sampler.labelled)
+    assert np.array_equal(draw["teacher_pool"], ctx.sampler.teacher_pool)
+    loaded = load_student(tmp_path / "r")
+    assert np.array_equal(_labelled(loaded, ctx.student_data, ctx.teacher_data), ctx.sampler.labelled)
+    (tmp_path / "r" / DRAW_FILE).unlink()              # a run written before runs recorded their draw
+    assert np.array_equal(_labelled(loaded, ctx.student_data, ctx.teacher_data), ctx.sampler.labelled)

@@ -23,6 +23,7 @@ from typing import Optional
 from .assembly import (RunContext, build_other_modality, build_student,  # noqa: F401
                        load_pair, prepare)
 from .cache import clean_tmp, read_json, write_json
+from .data.pairing import DRAW_FILE
 from .checks import check_data, check_device, check_model  # noqa: F401  (the API's names, kept)
 from .config import RunConfig, save_config
 from .data import ModalityData
@@ -91,6 +92,7 @@ def run_context(ctx: RunContext, run_dir: Optional[str | Path] = None, progress:
             save_config(cfg, run_dir / "config.yaml")
             write_json(run_dir / NORMALISATION_FILE, {"student": normalisation_entry(ctx.student_data),
                                                       "teacher": normalisation_entry(ctx.teacher_data)})
+            ctx.sampler.save_draw(run_dir / DRAW_FILE)   # what the run drew: plot and diagnose read it
     logger = None
     if cfg.logging.tensorboard and writer:
         from .engine.tb_logger import TensorBoardLogger

@@ -5,40 +5,37 @@ teacher training and the diagnose probe included (ordinary runs of derived confi
 """
 from __future__ import annotations
 
-import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from .cache import content_key, model_signature, state_digest
 from .checks import check_data, check_device, check_model
-from .config import RunConfig, check_ranges
+from .config import OptimConfig, RunConfig, check_ranges, from_dict, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
 from .data.pairing import loader_options, validate_pairing
 from .engine import Trainer, apply_threads, distributed, evaluate, get_teacher, seed_everything
+from .engine.checkpoint import rng_state, set_rng_state
+from .engine.teacher import register_teacher_training
 from .errors import ConfigError
 from .keys import key_config
 from .methods import METHODS
-from .models import Classifier, build_classifier
+from .models import Classifier, build_model
 from .plugins import load_plugins
 
 
 def build_student(cfg: RunConfig, data: ModalityData) -> Classifier:
-    m = cfg.model
-    return build_classifier(data.input_shape, data.kind, data.num_classes, m.student_backbone,
-                            m.student_width, m.student_feat_dim, name=f"student[{data.name}]",
-                            backbone_args=m.student_backbone_args)
+    """An untrained student for modality ``data`` (``cfg.model``'s student settings)."""
+    return build_model(cfg.model, "student", data.input_shape, data.kind, data.num_classes, f"student[{data.name}]")
 
 
 def build_other_modality(cfg: RunConfig, data: ModalityData, feat_dim: int) -> Classifier:
     """An untrained classifier for the teacher modality ``data`` (the teacher backbone settings)
     with features of ``feat_dim`` (the student's, so a student head fits them), for methods that
     train on both modalities without a teacher (``uses_other_modality``)."""
-    m = cfg.model
-    return build_classifier(data.input_shape, data.kind, data.num_classes, m.teacher_backbone,
-                            m.teacher_width, feat_dim, name=f"other[{data.name}]",
-                            backbone_args=m.teacher_backbone_args)
+    return build_model(cfg.model, "teacher", data.input_shape, data.kind, data.num_classes, f"other[{data.name}]",
+                       feat_dim=feat_dim)
 
 
 def load_pair(cfg: RunConfig) -> tuple[ModalityData, ModalityData]:
@@ -85,12 +82,15 @@ class RunContext:
     def world_size(self) -> int:
         return 1 if self.dist is None else self.dist.world_size
 
-    def trainer(self, run_dir: Optional[Path] = None, progress: bool = False, logger=None) -> Trainer:
+    def trainer(self, run_dir: Optional[Path] = None, progress: bool = False, logger=None,
+                config_hash: Optional[str] = None, desc: Optional[str] = None) -> Trainer:
+        """The run's trainer (the one place a :class:`~ucmkd.engine.Trainer` is built);
+        ``config_hash``: what a resumed ``latest.pt`` must carry (default: the run's key)."""
         c = self.cfg
         return Trainer(self.distiller, self.sampler, self.student_data, c.optim, run_dir=run_dir,
-                       config_hash=self.key or "", device=self.device, progress=progress,
-                       desc=f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}", dist=self.dist,
-                       logger=logger)
+                       config_hash=self.key or "" if config_hash is None else config_hash, device=self.device,
+                       progress=progress, desc=desc or f"{c.method.name} {c.data.teacher}->{c.data.student} s{c.seed}",
+                       dist=self.dist, logger=logger)
 
     @property
     def fingerprints(self) -> dict:
@@ -100,10 +100,52 @@ class RunContext:
                 for k in ("student_data", "teacher_data", "student_model", "teacher") if p.get(k) is not None}
 
 
+def sampler_for(cfg: RunConfig, student: ModalityData, teacher_data: Optional[ModalityData], unlabelled: bool,
+                require_unlabelled: bool, dp: Optional[distributed.DataParallel] = None,
+                device: Optional[str] = None) -> PairingSampler:
+    """The pairing sampler of a run of ``cfg`` (the one place one is built): its labelled draw,
+    pools and batches follow ``cfg.pairing``, ``cfg.optim`` and ``cfg.seed`` (this rank's shards
+    under ``dp``); ``teacher_data`` None for a method that draws no teacher items."""
+    return PairingSampler(student, teacher_data, cfg.pairing, cfg.optim.batch_size, cfg.optim.steps_per_epoch,
+                          seed=cfg.seed, unlabelled=unlabelled, require_unlabelled=require_unlabelled,
+                          rank=0 if dp is None else dp.rank, world_size=1 if dp is None else dp.world_size,
+                          **loader_options(cfg.data, device or cfg.device))
+
+
+def teacher_run_config(cfg: RunConfig) -> RunConfig:
+    """The teacher's own training as an ordinary run: plain cross-entropy (``ce``) on the teacher
+    modality with every training item labelled, the teacher's architecture, schedule
+    (``cfg.teacher``) and seed; no augmentation, no logging."""
+    d = to_dict(cfg)
+    optim = {f.name for f in fields(OptimConfig)}
+    d.update(method={"name": "ce", "params": {}}, pairing={"label_budget": None}, augment={}, logging={},
+             optim={k: v for k, v in d["teacher"].items() if k in optim}, seed=cfg.teacher.seed, recipe=None)
+    d["data"]["student"] = cfg.data.teacher
+    for f in ("backbone", "width", "feat_dim", "backbone_args"):
+        d["model"][f"student_{f}"] = d["model"][f"teacher_{f}"]
+    return from_dict(RunConfig, d)
+
+
+def train_teacher_run(cfg: RunConfig, data: ModalityData, run_dir: Path, config_hash: str,
+                      progress: bool = False) -> tuple[Classifier, Optional[int]]:
+    """Train the teacher of ``cfg`` on ``data`` (:func:`teacher_run_config`) in this process,
+    resumable in ``run_dir`` (whose checkpoint must carry ``config_hash``): (model at its best
+    validation epoch, that epoch). :func:`ucmkd.engine.get_teacher` calls it and caches the result."""
+    ctx = prepare(teacher_run_config(cfg), student=data, single_process=True)
+    trainer = ctx.trainer(run_dir, progress=progress, config_hash=config_hash, desc=f"teacher {data.name}")
+    fit = trainer.fit()
+    trainer.restore_best()
+    ctx.model.name = f"teacher[{data.name}]"
+    return ctx.model, fit.best_epoch
+
+
+register_teacher_training(train_teacher_run)     # the engine's teacher cache trains through the one assembly
+
+
 def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data: Optional[ModalityData] = None,
             teacher: Optional[Classifier] = None, teacher_info: Optional[dict] = None,
             student_model: Optional[Classifier] = None, progress: bool = False,
-            train_teacher: bool = True) -> RunContext:
+            train_teacher: bool = True, single_process: bool = False) -> RunContext:
     """Build and check one run: method and params, data (loaded from ``cfg.data`` unless given),
     teacher (trained or loaded from the cache unless given; ``train_teacher=False`` builds an
     untrained one, to check a grid before anything trains; with ``cfg.teacher.checkpoint`` the
@@ -113,7 +155,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
 
     Under torchrun the process joins its data-parallel group first
     (:func:`ucmkd.engine.distributed.init_from_env`); rank 0 loads the data and trains the
-    teacher (building their caches) before the other ranks load them."""
+    teacher (building their caches) before the other ranks load them. ``single_process``: a run
+    of this process alone, even under torchrun (a teacher that rank 0 trains for the others)."""
     check_ranges(cfg)                  # a config built in Python never went through from_dict
     load_plugins(cfg.plugins, where="plugins")    # a config built in Python: its plugins not imported yet
     method_cls = METHODS.get(cfg.method.name)
@@ -124,7 +167,7 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         from .engine.tb_logger import require_tensorboard
 
         require_tensorboard()          # before any teacher trains
-    dp = distributed.init_from_env(cfg.device)
+    dp = None if single_process else distributed.init_from_env(cfg.device)
     device = distributed.device_for(dp, cfg.device)
     validate_pairing(cfg.pairing)      # before any data is loaded or teacher trained
     if method_cls.needs_pairs and cfg.pairing.mode != "paired":
@@ -152,12 +195,8 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         if method_cls.uses_other_modality:
             distiller.attach_other_modality(build_other_modality(cfg, teacher_data, model.feat_dim))
         distiller.set_augmentation(student.augment_kind, cfg.augment.labelled, cfg.augment.policy)
-        sampler = PairingSampler(student, teacher_data if method_cls.draws_teacher_modality() else None, cfg.pairing,
-                                 cfg.optim.batch_size, cfg.optim.steps_per_epoch, seed=cfg.seed,
-                                 unlabelled=distiller.uses_unlabelled,
-                                 require_unlabelled=distiller.requires_unlabelled,
-                                 rank=0 if dp is None else dp.rank, world_size=1 if dp is None else dp.world_size,
-                                 **loader_options(cfg.data, device))
+        sampler = sampler_for(cfg, student, teacher_data if method_cls.draws_teacher_modality() else None,
+                              distiller.uses_unlabelled, distiller.requires_unlabelled, dp, device)
         return distiller, sampler
 
     def student_model_for_run():
@@ -170,22 +209,26 @@ def prepare(cfg: RunConfig, student: Optional[ModalityData] = None, teacher_data
         # a teacher trained elsewhere: loaded as is (nothing to train, no untrained stand-in)
         teacher, teacher_info = (_get_teacher(cfg, teacher_data, progress, dp) if train_teacher
                                  else (checkpoint_teacher(cfg, teacher_data), None))
-    elif teacher is None and method_cls.uses_teacher:
+    trains_teacher = False
+    if teacher is None and method_cls.uses_teacher and cfg.teacher.checkpoint is None:
         from .engine.teacher import build_teacher_model
 
-        teacher = build_teacher_model(cfg, teacher_data)     # untrained
-        if train_teacher:
-            # the whole run checked with the untrained teacher first (on a copy of a model you
-            # bring): a mistake in the params or the pairing must not wait for a teacher to train
-            dry = student_model_for_run()
-            assemble(teacher, copy.deepcopy(dry) if student_model is not None else dry)
-            teacher, teacher_info = _get_teacher(cfg, teacher_data, progress, dp)
+        teacher = build_teacher_model(cfg, teacher_data)     # untrained: the run is assembled around it
+        trains_teacher = train_teacher
+    model = student_model_for_run()
+    distiller, sampler = assemble(teacher, model)
+    if trains_teacher:
+        # the whole run was checked with the untrained teacher (a mistake in the params or the
+        # pairing must not wait for a teacher to train); the trained weights now take its place,
+        # and the random state is as the assembly left it (training may draw from it)
+        state = rng_state()
+        trained, teacher_info = _get_teacher(cfg, teacher_data, progress, dp)
+        teacher.load_state_dict(trained.state_dict())
+        set_rng_state(state)
     if teacher is not None and teacher_info is None and train_teacher:
         teacher.eval()
         teacher_info = {"val_acc": evaluate(teacher, *teacher_data.split("val"))[0],
                         "test_acc": evaluate(teacher, *teacher_data.split("test"))[0]}
-    model = student_model_for_run()
-    distiller, sampler = assemble(teacher, model)
     if method_cls.uses_teacher:
         from .engine.teacher_outputs import TeacherOutputs
 

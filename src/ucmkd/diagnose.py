@@ -193,39 +193,34 @@ def _prior(y: np.ndarray, k: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the probes
 def probe_config(cfg: RunConfig, probe_epochs: float = PROBE_EPOCHS) -> RunConfig:
-    """The CE probe's config: ``cfg`` with method ``ce`` and ``probe_epochs`` of its epochs
-    (at least 2; warm-up at most a third of them)."""
+    """The CE probe's config: ``cfg`` with method ``ce`` on every training item it is given (no
+    label budget), no augmentation, and ``probe_epochs`` of its epochs (at least 2; warm-up at
+    most a third of them)."""
     d = to_dict(cfg)
     epochs = max(2, int(round(probe_epochs * cfg.optim.epochs)))
-    d["method"] = {"name": "ce", "params": {}}
+    d.update(method={"name": "ce", "params": {}}, pairing={"label_budget": None}, augment={}, logging={},
+             recipe=None)
     d["optim"]["epochs"] = epochs
     d["optim"]["warmup_epochs"] = min(cfg.optim.warmup_epochs, epochs // 3)
-    d["logging"] = {}
     return from_dict(RunConfig, d)
 
 
 def ce_probe(pcfg: RunConfig, data, train_idx: np.ndarray, eval_idx: np.ndarray):
     """(model in eval mode, validation accuracy on ``eval_idx``, steps): ``ce`` trained with the
     probe config on the labelled items ``train_idx`` of ``data`` (best epoch on ``eval_idx``; the
-    test split is never read)."""
+    test split is never read): an ordinary run of ``pcfg`` on a view of ``data`` whose splits are
+    those items, in this process."""
     from dataclasses import replace
 
-    from .assembly import build_student
-    from .config import PairingConfig
-    from .data import PairingSampler
-    from .engine import Trainer, seed_everything
-    from .methods import build_distiller
+    from .assembly import prepare
 
     view = replace(data, splits={"train": torch.as_tensor(np.sort(train_idx)), "val": torch.as_tensor(eval_idx),
                                  "test": torch.as_tensor(eval_idx[:1])})
-    seed_everything(pcfg.seed)
-    model = build_student(pcfg, data)
-    sampler = PairingSampler(view, None, PairingConfig(label_budget=None), pcfg.optim.batch_size,
-                             pcfg.optim.steps_per_epoch, seed=pcfg.seed)
-    trainer = Trainer(build_distiller("ce", model, None), sampler, view, pcfg.optim, device=pcfg.device)
+    ctx = prepare(pcfg, student=view, single_process=True)
+    trainer = ctx.trainer(desc=f"ce probe {data.name}")
     fit = trainer.fit()
     trainer.restore_best()
-    return model.eval(), float(fit.val_acc), int(trainer.step_count)
+    return ctx.model.eval(), float(fit.val_acc), int(trainer.step_count)
 
 
 def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teacher_info=None,
@@ -235,9 +230,9 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
     ``predict``, the predicted gain of ``ucmkd`` over ``ce`` and a verdict (``model``: a
     :class:`GainModel`, default the shipped one). Data and teacher may be passed in as for
     :func:`ucmkd.run`."""
-    from .assembly import load_pair
+    from .assembly import load_pair, sampler_for
     from .checks import check_data
-    from .data import PairingSampler, check_compatible
+    from .data import check_compatible
     from .diagnostics import alignment_diagnostics
     from .engine import apply_threads, evaluate, get_teacher
     from .engine.teacher import teacher_dir
@@ -264,8 +259,7 @@ def diagnose(cfg: RunConfig, student=None, teacher_data=None, teacher=None, teac
         t_val = evaluate(teacher, *teacher_data.split("val"))[0]
     teacher_seconds = time.time() - t1
     k = student.num_classes
-    sampler = PairingSampler(student, teacher_data, cfg.pairing, cfg.optim.batch_size, cfg.optim.steps_per_epoch,
-                             seed=cfg.seed, unlabelled=True, require_unlabelled=False)
+    sampler = sampler_for(cfg, student, teacher_data, unlabelled=True, require_unlabelled=False)   # the run's draw
     sy, ty = student.y.numpy(), teacher_data.y.numpy()
     pool = np.concatenate([sampler.labelled, sampler.unlabelled_pool])
     # the validation split in two halves: A adds labels to the learning-curve probe, B scores both

@@ -32,7 +32,7 @@ from .cache import atomic_path, read_json
 from .config import RunConfig, load_config
 from .data.standardize import NORMALISATION_FILE, Standardizer
 from .errors import ConfigError, DataError
-from .models import Classifier, build_classifier
+from .models import Classifier, build_classifier, build_model
 
 FORMATS = ("state_dict", "torchscript")
 STATE_DICT_FORMAT = "ucmkd-student/1"
@@ -89,9 +89,7 @@ def _student_fingerprint(parts: dict, run_dir: Path) -> dict:
 
 
 def _build_default(cfg: RunConfig, fp: dict, num_classes: int) -> Classifier:
-    m = cfg.model
-    return build_classifier(tuple(fp["shape"][1:]), fp["kind"], num_classes, m.student_backbone, m.student_width,
-                            m.student_feat_dim, name=f"student[{fp['name']}]", backbone_args=m.student_backbone_args)
+    return build_model(cfg.model, "student", fp["shape"][1:], fp["kind"], num_classes, f"student[{fp['name']}]")
 
 
 def _selected_weights(run_dir: Path, result: dict) -> tuple[str, dict]:

@@ -76,12 +76,21 @@ def _teacher_for(loaded, student, teacher_data):
     return teacher
 
 
-def _labelled(loaded, student) -> np.ndarray:
-    """The run's labelled student items (the pairing sampler's draw for the run's seed)."""
-    from .data.pairing import PairingSampler
+def _labelled(loaded, student, teacher_data) -> np.ndarray:
+    """The run's labelled student items, as the run recorded them (``draw.npz``); for a run
+    written before runs recorded their draw, the run's sampler drawn again (with the teacher
+    modality when the method draws from it, so that ``pairing.mismatch_ratio`` draws the same)."""
+    from .assembly import sampler_for
+    from .data.pairing import DRAW_FILE, read_draw
+    from .methods import METHODS
 
+    draw = read_draw(loaded.run_dir / DRAW_FILE)
+    if draw is not None:
+        return draw["labelled"]
     cfg = loaded.config
-    return PairingSampler(student, None, cfg.pairing, cfg.optim.batch_size, 1, seed=cfg.seed).labelled
+    method = METHODS.get(cfg.method.name)
+    return sampler_for(cfg, student, teacher_data if method.draws_teacher_modality() else None,
+                       unlabelled=False, require_unlabelled=False).labelled
 
 
 def _student_map(loaded, teacher, student, teacher_data, d_s: int):
@@ -99,7 +108,7 @@ def _student_map(loaded, teacher, student, teacher_data, d_s: int):
         return (lambda z: z), "as is"
     from .diagnose import least_squares_map
 
-    lab = torch.as_tensor(_labelled(loaded, student))
+    lab = torch.as_tensor(_labelled(loaded, student, teacher_data))
     xt, yt = teacher_data.split("train")
     fmap = least_squares_map(loaded.model.features(student.x[lab]), student.y[lab], teacher.features(xt), yt,
                              student.num_classes)

@@ -138,6 +138,25 @@ def imbalance_keep(num_classes: int, rho: float) -> np.ndarray:
     return (1.0 / rho) ** (np.arange(num_classes) / max(num_classes - 1, 1))
 
 
+#: the file of a run directory that holds its sampler's draw (:meth:`PairingSampler.save_draw`)
+DRAW_FILE = "draw.npz"
+
+
+def read_draw(path) -> Optional[dict]:
+    """The draw saved by :meth:`PairingSampler.save_draw` (``labelled``, ``unlabelled``,
+    ``teacher_pool`` (None when no teacher items were drawn) as int64 arrays), or None when
+    ``path`` does not exist (a run written before runs recorded it)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        out = {k: z[k] for k in ("labelled", "unlabelled", "teacher_pool")}
+        if not int(z["has_teacher"]):
+            out["teacher_pool"] = None
+    return out
+
+
 class PairingSampler:
     """Yields :class:`Batch` es for one epoch at a time; every epoch is seeded by (seed, epoch),
     so a resumed run draws the same batches as an uninterrupted one.
@@ -300,6 +319,17 @@ class PairingSampler:
     # ------------------------------------------------------------------ iteration
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    def save_draw(self, path) -> None:
+        """Write what this sampler drew (item indices into the splits' modalities): ``labelled``
+        [n_l], ``unlabelled`` [n_u] and ``teacher_pool`` [n_t] (empty when no teacher items are
+        drawn), with ``has_teacher`` (0/1), to ``path`` (.npz, atomic). :func:`read_draw` reads it."""
+        from ..cache import save_npz
+
+        save_npz(path, labelled=np.asarray(self.labelled, dtype=np.int64),
+                 unlabelled=np.asarray(self.unlabelled_pool, dtype=np.int64),
+                 teacher_pool=np.asarray([] if self.teacher_pool is None else self.teacher_pool, dtype=np.int64),
+                 has_teacher=np.array(int(self.teacher_pool is not None)))
 
     def summary(self) -> dict:
         return {"labelled": int(len(self.labelled)), "unlabelled": int(len(self.unlabelled_pool)),

@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 
 from ..cache import entry, file_sha256, get_or_build, read_json, write_json
-from ..config import PairingConfig, RunConfig, config_hash
+from ..config import RunConfig, config_hash
 from ..data.base import ModalityData, cache_dir
-from ..data.pairing import PairingSampler, loader_options
-from ..errors import DataError
-from ..models import Classifier, build_classifier
+from ..errors import ConfigError, DataError
+from ..models import Classifier, build_model
 from ..models.scripted import scripted_classifier
 from ..plugins import user_code
-from .checkpoint import apply_threads, load_checkpoint, seed_everything
-from .trainer import Trainer, evaluate
+from .checkpoint import apply_threads, load_checkpoint
+from .trainer import evaluate
 
 TEACHER_KEY_VERSION = 2    # 2: the dataset's content fingerprint
 
@@ -54,10 +53,8 @@ def teacher_key(cfg: RunConfig, data: ModalityData) -> dict:
 
 
 def build_teacher_model(cfg: RunConfig, data: ModalityData) -> Classifier:
-    m = cfg.model
-    return build_classifier(data.input_shape, data.kind, data.num_classes, m.teacher_backbone,
-                            m.teacher_width, m.teacher_feat_dim, name=f"teacher[{data.name}]",
-                            backbone_args=m.teacher_backbone_args)
+    """An untrained teacher for modality ``data`` (``cfg.model``'s teacher settings)."""
+    return build_model(cfg.model, "teacher", data.input_shape, data.kind, data.num_classes, f"teacher[{data.name}]")
 
 
 def teacher_dir(cfg: RunConfig, data: ModalityData):
@@ -193,6 +190,16 @@ def _checkpoint_info(cfg: RunConfig, data: ModalityData, model: Classifier, retr
     return {**info, "path": str(path), "checkpoint": {**info["checkpoint"], "path": str(path)}}
 
 
+#: how a teacher trains: ``fn(cfg, data, run_dir, config_hash, progress) -> (model, best epoch)``;
+#: :mod:`ucmkd.assembly` registers its ordinary run of a derived config (that layer builds every
+#: run; the engine below it does not import it)
+_TRAINING: list = []
+
+
+def register_teacher_training(fn) -> None:
+    _TRAINING[:] = [fn]
+
+
 def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
                 retrain: bool = False) -> tuple[Classifier, dict]:
     """Return (frozen teacher, info) for ``data``, training and caching it if needed
@@ -214,24 +221,15 @@ def get_teacher(cfg: RunConfig, data: ModalityData, progress: bool = False,
     def train() -> tuple[Classifier, dict]:
         if retrain:
             shutil.rmtree(tdir / "run", ignore_errors=True)     # else the finished run would resume
-        t = cfg.teacher
-        seed_everything(t.seed)
-        model = build_teacher_model(cfg, data)
-        from ..methods import build_distiller
-
-        distiller = build_distiller("ce", model, None)
-        sampler = PairingSampler(data, None, PairingConfig(label_budget=None), t.batch_size, t.steps_per_epoch,
-                                 seed=t.seed, **loader_options(cfg.data, cfg.device))
+        if not _TRAINING:
+            raise ConfigError("no teacher training registered (ucmkd.assembly registers it when ucmkd is imported)")
         key = teacher_key(cfg, data)
-        trainer = Trainer(distiller, sampler, data, t, run_dir=tdir / "run", config_hash=config_hash(key),
-                          device=cfg.device, progress=progress, desc=f"teacher {data.name}")
         t0 = time.time()
-        res = trainer.fit()
-        trainer.restore_best()
+        model, best_epoch = _TRAINING[0](cfg, data, tdir / "run", config_hash(key), progress)
         model.cpu().eval().requires_grad_(False)
         val_acc, _ = evaluate(model, *data.split("val"))
         test_acc, _ = evaluate(model, *data.split("test"))
-        return model, {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch,
+        return model, {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": best_epoch,
                        "seconds": time.time() - t0, "path": str(path), "key": key}
 
     def save(value, tmp) -> None:

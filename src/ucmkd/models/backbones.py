@@ -2,7 +2,7 @@
 :class:`Classifier` adds the linear head (logits [B, K]) and exposes both separately."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -136,6 +136,19 @@ class Classifier(nn.Module):
         z = self.features(x)
         logits = self.head(z)
         return (z, logits) if return_features else logits
+
+
+def build_model(m, role: str, input_shape: tuple, kind: str, num_classes: int, name: str,
+                feat_dim: Optional[int] = None) -> "Classifier":
+    """The one builder of a run's models from a :class:`~ucmkd.config.ModelConfig` ``m``: the
+    ``role``'s (``"student"`` or ``"teacher"``) backbone, width, feature dim (``feat_dim``
+    overrides it) and backbone args, for inputs ``input_shape`` of ``kind`` and ``num_classes``."""
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
+    get = lambda f: getattr(m, f"{role}_{f}")    # noqa: E731
+    return build_classifier(tuple(input_shape), kind, num_classes, get("backbone"), get("width"),
+                            get("feat_dim") if feat_dim is None else feat_dim, name=name,
+                            backbone_args=get("backbone_args"))
 
 
 def build_classifier(input_shape: tuple, kind: str, num_classes: int, backbone: str = "auto",
