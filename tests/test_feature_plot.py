@@ -116,3 +116,28 @@ def test_the_plot_reads_the_runs_recorded_draw_even_under_a_marginal_mismatch(tm
     assert np.array_equal(_labelled(loaded, ctx.student_data, ctx.teacher_data), ctx.sampler.labelled)
     (tmp_path / "r" / DRAW_FILE).unlink()              # a run written before runs recorded their draw
     assert np.array_equal(_labelled(loaded, ctx.student_data, ctx.teacher_data), ctx.sampler.labelled)
+
+
+def test_the_plot_maps_student_features_with_the_runs_learned_projector(tmp_path, monkeypatch):
+    """Feature dims differ: the run learned a projector (Distiller.feature_map), which the plot
+    rebuilds from the run's best-validation state, not a map of its own."""
+    from ucmkd.engine.checkpoint import load_checkpoint
+    from ucmkd.engine.shadow import CEShadow
+    from ucmkd.export import load_student
+    from ucmkd.feature_plot import _student_map
+
+    monkeypatch.setattr(CEShadow, "select", lambda self, records, chosen: chosen)    # the distilled student
+    cfg = small_cfg("ucmkd", epochs=1)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.model.student_feat_dim = cfg.model.teacher_feat_dim + 4
+    student, teacher_data = load_pair(cfg)
+    teacher, info = get_teacher(cfg, teacher_data)
+    run(cfg, run_dir=tmp_path / "r", student=student, teacher_data=teacher_data, teacher=teacher, teacher_info=info)
+    loaded = load_student(tmp_path / "r")
+    d_s = cfg.model.student_feat_dim
+    fmap, how = _student_map(loaded, teacher, student, teacher_data, d_s)
+    assert how == "the run's projector"
+    best = load_checkpoint(tmp_path / "r" / "latest.pt")["best_states"]["student"]["extra"]
+    z = torch.randn(5, d_s)
+    w, b = best["projector.weight"], best["projector.bias"]
+    assert torch.allclose(fmap(z), z @ w.T + b, atol=1e-6)

@@ -93,17 +93,33 @@ def _labelled(loaded, student, teacher_data) -> np.ndarray:
                        unlabelled=False, require_unlabelled=False).labelled
 
 
+def _learned_map(loaded, teacher):
+    """The feature map the run learned (its distiller's :meth:`~ucmkd.methods.Distiller.feature_map`
+    at the best-validation epoch), or None: the run's method rebuilt around a copy of its student
+    and the teacher, with the trainer's components, and its best trainable state loaded."""
+    import copy
+
+    from .engine.checkpoint import load_checkpoint
+    from .engine.shadow import CEShadow
+    from .methods import METHODS
+
+    cfg = loaded.config
+    method = METHODS.get(cfg.method.name)
+    if not method.uses_teacher:
+        return None
+    d = method(copy.deepcopy(loaded.model), teacher, method.parse_params(cfg.method.params))
+    CEShadow.attach(d)
+    d.load_trainable_state_dict(load_checkpoint(loaded.run_dir / "latest.pt")["best_states"]["student"])
+    return d.feature_map()
+
+
 def _student_map(loaded, teacher, student, teacher_data, d_s: int):
     """(callable z [N, d_s] -> [N, d_t], how) of the module docstring."""
-    from .engine.checkpoint import load_checkpoint
 
     if loaded.selected == "student":
-        extra = load_checkpoint(loaded.run_dir / "latest.pt")["best_states"]["student"].get("extra", {})
-        w = {k[len("projector."):]: v for k, v in extra.items() if k.startswith("projector.")}
-        if w:
-            proj = torch.nn.Linear(d_s, teacher.feat_dim)
-            proj.load_state_dict(w)
-            return proj, "the run's projector"
+        fmap = _learned_map(loaded, teacher)
+        if fmap is not None:
+            return fmap, "the run's projector"
     if d_s == teacher.feat_dim:
         return (lambda z: z), "as is"
     from .diagnose import least_squares_map
@@ -132,16 +148,22 @@ def _panel_points(loaded, student, teacher_data, teacher, per_class: int, total:
 
 
 def find_ce_run(run_dir: Path) -> Optional[Path]:
-    """The ``ce`` sibling of a grid cell ``.../<setting>/<method>/seed<k>``, if it is a finished
-    run on the same data and seed."""
+    """A finished ``ce`` run beside a grid cell ``.../<setting>/<label>/seed<k>``: a sibling cell
+    (any label) whose ``result.json`` says method ``ce`` with its default params, on the same data
+    and seed (read from the runs' keys, not from directory names)."""
+    from .cache import read_json
+
     run_dir = Path(run_dir).resolve()
-    cand = run_dir.parent.parent / "ce" / run_dir.name
-    if cand == run_dir or not (cand / "result.json").is_file():
-        return None
-    mine, other = run_key_parts(run_dir), run_key_parts(cand)
-    same = all(mine.get(k) == other.get(k) for k in ("student_data", "teacher_data")) and \
-        (mine.get("config") or {}).get("seed") == (other.get("config") or {}).get("seed")
-    return cand if same else None
+    mine = run_key_parts(run_dir)
+    for cand in sorted(run_dir.parent.parent.glob(f"*/{run_dir.name}")):
+        res = read_json(cand / "result.json", "run result") if cand != run_dir else None
+        if not res or res.get("method") != "ce" or res.get("params") not in (None, {}, {"label_smoothing": 0.0}):
+            continue
+        other = run_key_parts(cand)
+        if all(mine.get(k) == other.get(k) for k in ("student_data", "teacher_data")) and \
+                (mine.get("config") or {}).get("seed") == (other.get("config") or {}).get("seed"):
+            return cand
+    return None
 
 
 def ce_run_for(loaded, ce_dir: Optional[str | Path] = None, log=print) -> Path:
