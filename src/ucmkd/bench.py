@@ -24,8 +24,8 @@ from .errors import ConfigError, UcmkdError
 from .methods import METHODS
 from .grid import Cell, ResultStore, cell_config, data_fingerprints, run_cells, safe_name, validate_methods
 from .cache import write_text
-from .report import (_fmt_delta, _named, ci_excludes_zero, fmt_ci, headline_report, plot, share_summary, summarise,
-                     teacher_field, write_csv)
+from .report import (_fmt_delta, _named, ci_excludes_zero, diagnostics_table, fmt_ci, headline_report,
+                     markdown_table, plot, share_summary, summarise, teacher_field, write_csv)
 
 
 def builtin_suites() -> list[str]:
@@ -299,6 +299,8 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
             h.ablation_prefix, h.ungated, distillers, free, aug_baseline=h.aug_baseline) + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
+    if len({(r["teacher"], r["student"], r["setting"]) for r in results}) == len({(r["teacher"], r["student"]) for r in results}):
+        overview(results, methods, suite.baseline, out, suite.name)   # one setting per direction: the compact view
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]
     if ran and any(m != suite.baseline for m in methods):
         heatmap(rows, out / "heatmap.png", ran, methods, suite.baseline, title=suite.name)
@@ -308,6 +310,21 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
             plot([r for r in rows if r["setting"] == s], out / "bars" / f"{safe_name(s)}.png", methods,
                  title=f"{suite.name}: {s}", by=("setting",))
     return {"rows": rows, "tables": tables}
+
+
+def overview(results: list[dict], methods: list[str], baseline: str, out: Path, title: str) -> str:
+    """The compact view of a suite whose settings are directions (teacher -> student), as
+    ``ucmkd run`` prints it: ``table.md`` (methods per direction, with the alignment
+    diagnostics) and ``plot.png``. Returns the table."""
+    rows = summarise(results, baseline=baseline)
+    table = markdown_table(rows, methods, baseline)
+    diag = diagnostics_table(results, methods)
+    if diag:
+        table += ("\n\nAlignment diagnostics (validation split, best-validation student; "
+                  "see ucmkd.diagnostics):\n\n" + diag)
+    write_text(out / "table.md", table + "\n")
+    plot(rows, out / "plot.png", methods, title=title)
+    return table
 
 
 def _write_summary(rows: list[dict], path: Path) -> None:

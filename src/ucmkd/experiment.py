@@ -5,10 +5,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import ExperimentConfig, RunConfig, deep_merge, from_dict, nest, save_config
+from .config import ExperimentConfig, RunConfig, SuiteConfig, deep_merge, from_dict, nest, save_config
 from .errors import ConfigError
-from .grid import Cell, ResultStore, cell_config, run_cells, safe_name, validate_methods
-from .report import diagnostics_table, markdown_table, plot, summarise, write_csv
+from .grid import cell_config, validate_methods
 
 
 def apply_quick(exp: ExperimentConfig) -> ExperimentConfig:
@@ -35,40 +34,35 @@ def validate_experiment(exp: ExperimentConfig) -> None:
         raise ConfigError("seeds: give at least one seed")
 
 
-def experiment_cells(exp: ExperimentConfig, out: Path) -> list[Cell]:
-    cells = []
-    for t, s in exp.directions:
-        setting = f"{t} -> {s}"
-        for m in exp.methods:
-            for k in exp.seeds:
-                cells.append(Cell(setting, m, k, run_config_for(exp, t, s, m, k),
-                                  out / "runs" / safe_name(setting) / m / f"seed{k}"))
-    return cells
+def experiment_suite(exp: ExperimentConfig) -> SuiteConfig:
+    """The suite an experiment is: one setting per direction (named ``"teacher -> student"``,
+    overriding ``data.teacher`` and ``data.student``), its methods, params, variants, seeds and
+    plugins, baseline ``ce`` (or its first method)."""
+    validate_experiment(exp)
+    settings = {f"{t} -> {s}": {"overrides": {"data.teacher": t, "data.student": s}} for t, s in exp.directions}
+    return SuiteConfig(name=exp.name, out_dir=exp.out_dir, base=exp.base, methods=list(exp.methods),
+                       method_params=dict(exp.method_params), variants=dict(exp.variants), seeds=list(exp.seeds),
+                       settings=settings, baseline="ce" if "ce" in exp.methods else exp.methods[0],
+                       plugins=list(exp.plugins))
 
 
 def run_experiment(exp: ExperimentConfig, out_dir: str | Path | None = None, progress: bool = True,
                    workers: int = 1, log=print, nproc_per_cell: int = 1) -> dict:
-    """Run the grid, write ``results.csv``, ``results.jsonl``, ``table.md``, ``plot.png`` and
-    ``experiment.yaml`` to ``out_dir``; finished runs found there are reused. ``workers`` cells
-    run side by side, each in ``nproc_per_cell`` data-parallel processes.
-    Returns {results, rows, table, out_dir}."""
-    validate_experiment(exp)
+    """Run the experiment as the suite it is (:func:`experiment_suite`: one grid front end, one
+    report, :func:`ucmkd.bench.run_suite`); finished runs found in ``out_dir`` are reused. Writes
+    ``experiment.yaml`` and the suite's reports, among them ``table.md`` and ``plot.png`` (the
+    compact view) and ``results.csv``. ``workers`` cells run side by side, each in
+    ``nproc_per_cell`` data-parallel processes. Returns {results, rows, table, out_dir}."""
+    from .bench import run_suite
+
+    suite = experiment_suite(exp)
     out = Path(out_dir or exp.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(exp, out / "experiment.yaml")
     t_start = time.time()
-    results = run_cells(experiment_cells(exp, out), ResultStore(out / "results.jsonl"), workers=workers,
-                        progress=progress, log=log, nproc_per_cell=nproc_per_cell)
-    rows = summarise(results)
-    table = markdown_table(rows, exp.methods)
-    diag = diagnostics_table(results, exp.methods)
-    if diag:
-        table += ("\n\nAlignment diagnostics (validation split, best-validation student; "
-                  "see ucmkd.diagnostics):\n\n" + diag)
-    write_csv(results, out / "results.csv")
-    (out / "table.md").write_text(table + "\n")
-    plot(rows, out / "plot.png", exp.methods, title=exp.name)
+    res = run_suite(suite, out, workers=workers, progress=progress, log=lambda *a: None, nproc_per_cell=nproc_per_cell)
+    table = (out / "table.md").read_text().rstrip("\n") if (out / "table.md").is_file() else ""
     log(table)
-    log(f"\n{len(results)} runs in {time.time() - t_start:.0f} s; results in {out}/ "
-        f"(results.csv, results.jsonl, table.md, plot.png)")
-    return {"results": results, "rows": rows, "table": table, "out_dir": str(out)}
+    log(f"\n{len(res['results'])} runs in {time.time() - t_start:.0f} s; results in {out}/ "
+        f"(table.md, plot.png, tables.md, results.csv, results.jsonl)")
+    return {"results": res["results"], "rows": res["rows"], "table": table, "out_dir": str(out)}
