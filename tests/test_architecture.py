@@ -86,3 +86,21 @@ def test_a_run_is_assembled_in_one_place():
         assert [m for m, _ in sites] == ["ucmkd/assembly.py"], f"{name}( built in {sites}"
     assert {m for m, _ in _calls("build_classifier")} <= {"ucmkd/models/backbones.py", "ucmkd/export.py",
                                                          "ucmkd/models/adapters.py"}
+
+
+LOWER = ("ucmkd.config", "ucmkd.collectives", "ucmkd.data", "ucmkd.models", "ucmkd.losses", "ucmkd.methods",
+         "ucmkd.augment", "ucmkd.cache", "ucmkd.registry", "ucmkd.errors")
+UPPER = ("ucmkd.engine", "ucmkd.plugins", "ucmkd.assembly", "ucmkd.keys", "ucmkd.checks", "ucmkd.api", "ucmkd.grid",
+         "ucmkd.bench", "ucmkd.experiment", "ucmkd.cli", "ucmkd.export", "ucmkd.diagnose", "ucmkd.feature_plot")
+
+
+def _under(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_methods_losses_data_and_models_never_import_the_engine_or_above():
+    """Layers: config, collectives, data, models, losses, methods below the engine (trainer,
+    strategies, the shadow, the teacher cache), below the one assembly and the API."""
+    graph = import_graph()
+    upward = sorted((m, t) for m, ts in graph.items() if _under(m, LOWER) for t in ts if _under(t, UPPER))
+    assert not upward, f"imports from a lower layer into a higher one: {upward}"

@@ -358,8 +358,8 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path | None = None, only: str |
     t0 = time.time()
     store = ResultStore(out / "results.jsonl")
     if not report_only:
-        run_cells(now, store, workers=workers or suite.workers, progress=progress, log=log,
-                  nproc_per_cell=nproc_per_cell or suite.nproc_per_cell)
+        run_cells(now, store, workers=suite.workers if workers is None else workers, progress=progress, log=log,
+                  nproc_per_cell=suite.nproc_per_cell if nproc_per_cell is None else nproc_per_cell)
     results = store.rows_for(all_cells)
     rep = report(full, results, out)
     seconds = time.time() - t0

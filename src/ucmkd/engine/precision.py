@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from ..errors import ConfigError
+from ..losses.numerics import at_least_fp32, full_precision  # noqa: F401  (re-exported)
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,14 +58,3 @@ class Precision:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-
-def full_precision(x: torch.Tensor):
-    """Context that switches autocast off on ``x``'s device type (computations inside run in
-    the dtype of their inputs)."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` promoted to float32 if it is in a lower precision (float64 stays float64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.precision import at_least_fp32
+from .numerics import at_least_fp32
 
 
 def label_alignment(student_logits: torch.Tensor, teacher_head_logits: torch.Tensor,

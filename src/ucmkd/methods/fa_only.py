@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ranged
-from ..engine import distributed
+from .. import collectives
 from ..errors import NumericalError
 from ..losses.ot import BACKENDS, GRADS, METRICS, PLAN_BACKENDS, FeatureAlignmentLoss, OTResult, cost_matrix, plan_cost, solve
 from .base import DistillOutput, Distiller, register_method
@@ -54,19 +54,19 @@ class FullPrecisionFA(FeatureAlignmentLoss):
 
     def solve(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost=None) -> OTResult:
         with torch.autocast(zs.device.type, enabled=False):
-            if distributed.world_size() == 1 or self.grad == "autodiff" or self.backend not in PLAN_BACKENDS:
-                return super().solve(distributed.gather_with_grad(zs), zt, extra_cost)
+            if collectives.world_size() == 1 or self.grad == "autodiff" or self.backend not in PLAN_BACKENDS:
+                return super().solve(collectives.gather_with_grad(zs), zt, extra_cost)
             return self._global_plan_rows(zs, zt.detach(), extra_cost)
 
     def _global_plan_rows(self, zs: torch.Tensor, zt: torch.Tensor, extra_cost) -> OTResult:
         """N x <P[rows], C[rows]> for this rank's rows of the global plan P (envelope gradient);
         the result's plan is the global P."""
-        cost = cost_matrix(distributed.gather(zs.detach()), zt, self.metric)
+        cost = cost_matrix(collectives.gather(zs.detach()), zt, self.metric)
         if extra_cost is not None:
             cost = cost + extra_cost.to(cost.dtype)
         glob = solve(cost, self.eps, self.n_iter, backend=self.backend)
-        rows = distributed.local_rows
-        out = distributed.world_size() * plan_cost(rows(glob.plan), zs, zt, self.metric,
+        rows = collectives.local_rows
+        out = collectives.world_size() * plan_cost(rows(glob.plan), zs, zt, self.metric,
                                                    None if extra_cost is None else rows(extra_cost))
         if not bool(torch.isfinite(out.detach())):
             raise NumericalError(f"feature alignment: transport cost of this rank's rows is {float(out)} "
@@ -109,7 +109,7 @@ class FAOnly(Distiller):
         zt, _ = self.teacher_forward(batch)
         z, logits = self.student(batch.xs, return_features=True)
         zp = self.project(z)
-        fa = self.fa.solve(zp, distributed.gather(zt))
+        fa = self.fa.solve(zp, collectives.gather(zt))
         losses = {"ce": F.cross_entropy(logits, batch.ys), "fa": self.params.w_fa * fa.value}
         return logits, zp, losses, ot_metrics(self, fa)
 

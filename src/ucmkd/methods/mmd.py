@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
-from ..engine import distributed
+from .. import collectives
 from ..errors import ConfigError
 from ..losses.mmd import DEFAULT_FACTORS, mmd2
 from .base import DistillOutput, Distiller, register_method
@@ -38,6 +38,6 @@ class MMD(Distiller):
         zt, _ = self.teacher_forward(batch)
         z, logits = self.student(batch.xs, return_features=True)
         p = self.params
-        zs_all, zt_all = distributed.gather_with_grad(self.project(z)), distributed.gather(zt.detach())
+        zs_all, zt_all = collectives.gather_with_grad(self.project(z)), collectives.gather(zt.detach())
         return DistillOutput(logits, {"ce": F.cross_entropy(logits, batch.ys),
                                       "mmd": p.weight * mmd2(zs_all, zt_all, p.factors)})

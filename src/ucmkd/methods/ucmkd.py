@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import LEVELS
-from ..engine import distributed
+from .. import collectives
 from ..config import ranged
 from ..errors import ConfigError, DataError
 from ..losses.dkd import dkd_terms
@@ -51,7 +51,7 @@ from ..losses.kd import kd_kl
 from ..losses.prototypes import ClassPrototypes
 from ..losses.semi import PriorAlignment, confident_targets, masked_ce, ramp
 from .base import DistillOutput, Distiller, register_method
-from ..engine.shadow import FallbackParams
+from .fallback import FallbackParams
 from .fa_only import OTParams, make_fa, ot_metrics
 from .pseudo_label import SemiParams, split_forward
 
@@ -134,7 +134,7 @@ class UCMKD(Distiller):
             probs = 0.5 * (probs + self.teacher.head(zpu).softmax(1))
         # data parallelism: the global unlabelled batch's probabilities, so that the prior's
         # running mean sees the batch one process sees (identity in one process)
-        probs = distributed.gather(probs)
+        probs = collectives.gather(probs)
         if p.align_prior:
             probs = self.extra["prior"].align(probs, self.extra["protos"].count, update=update)
         return probs
@@ -213,7 +213,7 @@ class UCMKD(Distiller):
         zt, t_logits = self.teacher_forward(batch)
         # data parallelism: the teacher items and the labels of the GLOBAL batch, for the
         # batch-level terms (class means, same-class teacher picks, OT); identity in one process
-        zt, t_logits, yt, ys = distributed.gather(zt, t_logits, batch.yt, batch.ys)
+        zt, t_logits, yt, ys = collectives.gather(zt, t_logits, batch.yt, batch.ys)
         self.extra["protos"].update(zt, t_logits, yt)
         tau = float(self.extra["prior"].threshold) if p.precision > 0 else p.threshold
         # while the calibration pauses the unlabelled terms (tau >= 1: no threshold reaches the
@@ -244,7 +244,7 @@ class UCMKD(Distiller):
         zp = self.project(z)
         losses = {"ce": F.cross_entropy(logits, batch.ys)}
         # targets drawn for the global batch on every rank (the same draw), then this rank's rows
-        target = distributed.local_rows(self._class_targets(ys, yt, t_logits))
+        target = collectives.local_rows(self._class_targets(ys, yt, t_logits))
         losses.update({k: w * v for k, v in self._teacher_terms(logits, zp, batch.ys, target).items()})
         metrics = {}
         if p.w_fa > 0:
@@ -260,11 +260,11 @@ class UCMKD(Distiller):
                 with torch.no_grad():
                     probs = self._pseudo_probs(logits_w, self.project(zw))
             yhat_all, mask_all = confident_targets(probs, min(tau, 1.0))      # global batch
-            yhat, mask = distributed.local_rows(yhat_all), distributed.local_rows(mask_all)
+            yhat, mask = collectives.local_rows(yhat_all), collectives.local_rows(mask_all)
             wu = w * p.w_u
             losses["pl"] = wu * masked_ce(logits_u, yhat, mask)
             if mask_all.any():     # every rank draws the global targets (keeps the draws in step)
-                target_u = distributed.local_masked_rows(self._class_targets(yhat_all[mask_all], yt, t_logits),
+                target_u = collectives.local_masked_rows(self._class_targets(yhat_all[mask_all], yt, t_logits),
                                                          mask_all)
             if mask.any():
                 frac = float(mask.float().mean())

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine import distributed
-from ..engine.precision import at_least_fp32
-from ..engine.strategies import InnerAdamW
+from .. import collectives
+from ..losses.numerics import at_least_fp32
+from .bilevel import InnerAdamW
 from ..errors import ConfigError
 from ..losses.label_alignment import label_alignment
 from .base import DistillOutput, Distiller, register_method
@@ -107,7 +107,7 @@ class UCMKDBilevel(Distiller):
     def bilevel_inner_loss(self, stage: str, batch, cache: dict):
         if stage == "fa":
             if "zt" not in cache:     # the global batch's teacher features (FullPrecisionFA)
-                cache["zt"] = distributed.gather(self.teacher_forward(batch)[0])
+                cache["zt"] = collectives.gather(self.teacher_forward(batch)[0])
             fa = self.fa.solve(self.project(self.student.features(batch.xs)), cache["zt"])
             return fa.value, {"inner_fa": fa.value, **ot_metrics(self, fa)}
         if stage == "head":
