@@ -125,7 +125,7 @@ def test_label_cost_moves_mass_within_classes():
 
 # ----------------------------------------------------------------------------- methods
 def test_ucmkd_has_every_term_when_all_unlabelled_items_are_confident():
-    """(The generic contract over every method is tests/test_methods.py::test_method_contract.)"""
+    """(The generic contract over every method is tests/methods/test_methods.py::test_method_contract.)"""
     teacher, student, batch = tiny(6)
     d = build_distiller("ucmkd", student, teacher, {"n_iter": 10})
     d.train()
@@ -221,7 +221,7 @@ def test_ucmkd_consistency_bad_params_are_named():
 
 def test_ucmkd_class_targets_are_same_class_teacher_items():
     """Each KD target is the logits of a teacher item of the student's class (its values: see
-    tests/test_loss_references.py)."""
+    tests/methods/test_loss_references.py)."""
     teacher, student, batch = tiny(8)
     d = build_distiller("ucmkd", student, teacher, {"n_iter": 10})
     d(batch)

@@ -135,7 +135,7 @@ def small_cfg_with_cache(tmp_path):
 
 
 def test_teacher_key_follows_the_data_recipe_not_just_the_shape(tmp_path):
-    """(A user's file changed in content only: tests/test_keys.py.)"""
+    """(A user's file changed in content only: tests/unit/test_keys.py.)"""
     cfg = small_cfg()
     base = teacher_dir(cfg, load_modality("synthetic/b", cfg.data))
     noisier = small_cfg()

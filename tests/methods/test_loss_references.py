@@ -1,5 +1,5 @@
-"""Every method's loss terms against the independent float64 references of tests/references.py
-(OT feature alignment excepted: tests/test_ot.py holds it against POT). Each method runs in
+"""Every method's loss terms against the independent float64 references of tests/support/references.py
+(OT feature alignment excepted: tests/unit/test_ot.py holds it against POT). Each method runs in
 float64 and in eval mode (batch-norm with running statistics, so the features a reference
 starts from are the model's own on each input); the terms must agree to REL64."""
 import numpy as np
@@ -135,7 +135,7 @@ def test_mmd():
 
 
 def test_fa_only_and_the_papers_joint_method():
-    """CE and LA terms (the OT term is tests/test_ot.py's)."""
+    """CE and LA terms (the OT term is tests/unit/test_ot.py's)."""
     teacher, student, b = setup()
     z, logits = features(student, b.xs)
     check(build("fa-only", student, teacher, n_iter=10)(b), {"ce": ref.ce(logits, b.ys)}, skip=("fa",))

@@ -1,5 +1,5 @@
 """Data parallelism, run for real: ``torchrun --standalone --nproc_per_node=2`` with the gloo
-backend on CPU (tests/distributed_workers.py does the work in the processes).
+backend on CPU (tests/support/distributed_workers.py does the work in the processes).
 
 - Two processes compute the gradient one process computes on the same global batch, for a
   student without batch norm (whose statistics are per shard by design), for every method
@@ -36,15 +36,16 @@ from ucmkd.models import build_classifier
 from distributed_workers import GRAD_CASES, step_grads
 from test_commit import assert_same_run
 
-TESTS = Path(__file__).resolve().parent
-WORKER = str(TESTS / "distributed_workers.py")
+TESTS = Path(__file__).resolve().parents[1]
+SUPPORT = TESTS / "support"
+WORKER = str(SUPPORT / "distributed_workers.py")
 
 
 def launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python ARGS`` in a session of its own, stopped after ``timeout`` seconds: SIGTERM (on
     which torchrun stops its workers, which run in sessions of their own), then SIGKILL. A
     worker left behind would give up within UCMKD_DIST_TIMEOUT_S in its next collective."""
-    path = os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(TESTS.parent / "src"), str(SUPPORT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "UCMKD_DIST_TIMEOUT_S": "60"}
     cmd = [sys.executable, *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,6 +1,6 @@
-"""Worker of the multi-process tests (tests/test_distributed.py), run by torchrun:
+"""Worker of the multi-process tests (tests/integration/test_distributed.py), run by torchrun:
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_workers.py TASK ... [+ TASK ...]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/support/distributed_workers.py TASK ... [+ TASK ...]
 
 (tasks separated by ``+`` run one after the other in the same processes: one start-up for all)
 

@@ -39,7 +39,7 @@ def test_method_contract(name, student_feat):
     check_contract(d, batch)
 
 
-# (every method's loss terms against float64 references: tests/test_loss_references.py)
+# (every method's loss terms against float64 references: tests/methods/test_loss_references.py)
 KD_S, KD_T = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]], [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
 LA_S, LA_TH, LA_Y = [[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 3.0]], [0, 1]
 

@@ -3,7 +3,7 @@ each layer imports only the layers below it."""
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "ucmkd"
+SRC = Path(__file__).resolve().parents[2] / "src" / "ucmkd"
 
 
 def import_graph(root: Path = SRC) -> dict:

@@ -655,7 +655,7 @@ def test_benchmark_table_is_importable_and_complete():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ot_solvers.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "ot_solvers.py"
     spec = importlib.util.spec_from_file_location("ot_solvers", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -64,7 +64,7 @@ def test_recipe_schedules_equal_torch_schedulers(name):
 @pytest.mark.parametrize("method", METHODS)
 def test_one_step_of_each_recipe_matches_its_reference(name, method):
     """First step (epoch 0) through the recipe's config, optimiser, schedule and strategy
-    against the plain-PyTorch reference of the documented settings (tests/paper_reference.py).
+    against the plain-PyTorch reference of the documented settings (tests/support/paper_reference.py).
     Bound: the update's relative error is the gradient's (SGD: linear; Adam's first step
     lr g/(|g| + 1e-8) with |g| >> 1e-8 here), and the gradients through 100 Sinkhorn
     iterations carry at most ~1e3 units of rounding: 1e3 eps of the dtype."""

@@ -1,4 +1,4 @@
-"""Bit identity of the OT loss with the values recorded in ``tests/data/ot_bits.npz``.
+"""Bit identity of the OT loss with the values recorded in ``tests/support/data/ot_bits.npz``.
 
 The fixture holds, for the seeded cases of :mod:`ot_bits_cases` (every backend and gradient
 mode, four metrics, float64 and float32, a label cost, a cost range beyond the plain domain),
@@ -8,7 +8,7 @@ before the ``ucmkd.losses.ot`` package split computed them (single-file ``ot.py`
 refactoring that leaves the arithmetic alone must reproduce them exactly (``torch.equal``).
 
 Bits are a property of the platform (BLAS kernels, vector width): on another torch version or
-CPU capability the test is skipped. ``python tests/test_ot_bits.py --write`` records the
+CPU capability the test is skipped. ``python tests/unit/test_ot_bits.py --write`` records the
 fixture anew from the current code, only for a commit whose arithmetic is the reference.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ot_bits_cases import cases, inputs, plan_cases
 from ucmkd.errors import NumericalError
 from ucmkd.losses.ot import cost_matrix, plan_cost, sinkhorn_cost, sinkhorn_plan, solve, solve_sample
 
-FIXTURE = Path(__file__).parent / "data" / "ot_bits.npz"
+FIXTURE = Path(__file__).parents[1] / "support" / "data" / "ot_bits.npz"
 pytestmark = pytest.mark.filterwarnings("ignore:Sinkhorn did not converge:UserWarning")
 
 
@@ -154,5 +154,5 @@ def write(path: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: PYTHONPATH=src:tests python tests/test_ot_bits.py --write")
+        sys.exit("usage: PYTHONPATH=src:tests/support python tests/unit/test_ot_bits.py --write")
     write(FIXTURE)

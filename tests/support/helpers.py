@@ -1,4 +1,4 @@
-"""Small shared fixtures for the method tests (importable: pytest puts tests/ on sys.path)."""
+"""Small shared fixtures for the method tests (importable: tests/conftest.py puts tests/support on sys.path)."""
 import math
 
 import torch

@@ -312,7 +312,7 @@ def _big_modality(path: Path) -> None:
     (the writer of ``benchmarks/data_memory.py``)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("data_memory", Path(__file__).parents[1] / "benchmarks" / "data_memory.py")
+    spec = importlib.util.spec_from_file_location("data_memory", Path(__file__).parents[2] / "benchmarks" / "data_memory.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.write_modality(path, N_BIG, D_BIG)

@@ -1,5 +1,5 @@
 """The bilevel strategy: its functional AdamW against torch.optim.AdamW, the whole step against a
-deepcopy + fresh-AdamW reference (tests/paper_reference.py), the projector, the logged terms,
+deepcopy + fresh-AdamW reference (tests/support/paper_reference.py), the projector, the logged terms,
 and the engine's independence from any method."""
 import copy
 import re
@@ -223,7 +223,7 @@ def test_fp16_scaler_logic_of_both_strategies_on_cpu():
 
 # --------------------------------------------------------------------------- genericity
 def test_engine_strategies_name_no_method_nor_method_parameter():
-    src = (Path(__file__).parents[1] / "src/ucmkd/engine/strategies.py").read_text()
+    src = (Path(__file__).parents[2] / "src/ucmkd/engine/strategies.py").read_text()
     for name in METHODS.names():   # as a string, or as a word where the name has a hyphen
         assert f'"{name}"' not in src and f"'{name}'" not in src, name
         if "-" in name:

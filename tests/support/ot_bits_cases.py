@@ -1,4 +1,4 @@
-"""Seeded inputs of the OT bit-identity fixture (``tests/data/ot_bits.pt``, :mod:`test_ot_bits`).
+"""Seeded inputs of the OT bit-identity fixture (``tests/support/data/ot_bits.npz``, :mod:`test_ot_bits`).
 
 Each case is ``(name, kwargs of sinkhorn_cost, dtype)``; :func:`inputs` gives its features.
 """
