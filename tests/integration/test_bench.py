@@ -8,26 +8,12 @@ import pytest
 from scipy import stats
 
 from ucmkd.bench import builtin_suites, run_suite, suite_cells
-from ucmkd.config import SuiteConfig, from_dict, load_config
+from ucmkd.config import SuiteConfig, load_config
 from ucmkd.errors import ConfigError, DataError
 from ucmkd.grid import ResultStore
 from ucmkd.report import paired_stats
 
-BASE = {
-    "data": {"teacher": "synthetic/a", "student": "synthetic/b", "synthetic": {"n_items": 300, "num_classes": 3}},
-    "pairing": {"label_budget": 5},
-    "model": {"teacher_width": 8, "student_width": 8, "teacher_feat_dim": 8, "student_feat_dim": 8},
-    "optim": {"epochs": 2, "steps_per_epoch": 2, "batch_size": 16},
-    "teacher": {"epochs": 2, "batch_size": 32},
-}
-
-
-def tiny_suite(**kw):
-    d = {"name": "tiny", "methods": ["ce", "kd"], "seeds": [0, 1, 2], "base": BASE,
-         "settings": {"mild": {"overrides": {}},
-                      "noisy": {"overrides": {"data.synthetic.noise": 1.5}, "description": "noisier view B"}}}
-    d.update(kw)
-    return from_dict(SuiteConfig, d)
+from factories import tiny_suite
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ import yaml
 from ucmkd.cli import main
 from ucmkd.engine import load_checkpoint
 
-from test_bench import BASE
+from factories import TINY_BASE
 
-SUITE = {"name": "tiny", "methods": ["ce", "kd", "reviewkd"], "seeds": [0, 1], "base": BASE,
+SUITE = {"name": "tiny", "methods": ["ce", "kd", "reviewkd"], "seeds": [0, 1], "base": TINY_BASE,
          "settings": {"mild": {"overrides": {}, "exclude_methods": ["reviewkd"]},
                       "noisy": {"overrides": {"data.synthetic.noise": 1.5}, "exclude_methods": ["reviewkd"]},
                       "other": {"overrides": {"data.synthetic.noise": 0.2}, "exclude_methods": ["reviewkd"]}}}
@@ -92,7 +92,7 @@ def test_train_teacher_reuses_then_retrains(tmp_path, capsys):
 @pytest.mark.slow
 def test_run_quick(tmp_path, capsys):
     exp = {"name": "tiny", "methods": ["ce", "kd"], "seeds": [0, 1, 2],
-           "directions": [["synthetic/a", "synthetic/b"]], "base": BASE, "out_dir": str(tmp_path / "full"),
+           "directions": [["synthetic/a", "synthetic/b"]], "base": TINY_BASE, "out_dir": str(tmp_path / "full"),
            "quick": {"seeds": [0], "out_dir": str(tmp_path / "quick"), "base.optim.epochs": 1}}
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(exp))
@@ -150,7 +150,7 @@ def test_a_narrowed_command_line_reports_every_finished_cell(tmp_path, monkeypat
     the finished runs of the suite's own methods, and gain the new method's."""
     import ucmkd.bench
 
-    suite = {"name": "tiny", "methods": ["ce", "kd"], "seeds": [0, 1], "base": BASE,
+    suite = {"name": "tiny", "methods": ["ce", "kd"], "seeds": [0, 1], "base": TINY_BASE,
              "settings": {"mild": {"overrides": {}}, "noisy": {"overrides": {"data.synthetic.noise": 1.5}}},
              "headline": {"method": "kd"}}
     p, out = store_suite(tmp_path, suite)
@@ -179,7 +179,7 @@ def test_a_narrowed_command_line_reports_every_finished_cell(tmp_path, monkeypat
 
 
 def test_report_rebuilds_from_the_store_without_running(tmp_path, monkeypatch, capsys):
-    suite = {"name": "tiny", "methods": ["ce", "kd", "fitnet"], "seeds": [0, 1, 2], "base": BASE,
+    suite = {"name": "tiny", "methods": ["ce", "kd", "fitnet"], "seeds": [0, 1, 2], "base": TINY_BASE,
              "settings": {"mild": {"overrides": {}}}}
     p, out = store_suite(tmp_path, suite, methods=["ce", "kd"])     # fitnet not run yet
     no_training(monkeypatch)
@@ -196,7 +196,7 @@ def test_report_rebuilds_from_the_store_without_running(tmp_path, monkeypatch, c
 
 def test_excluded_methods_say_why(tmp_path, monkeypatch):
     """reviewkd cannot apply to the MLPs of vector data; kd could, and the suite left it out."""
-    suite = {"name": "tiny", "methods": ["ce", "kd", "reviewkd"], "seeds": [0], "base": BASE,
+    suite = {"name": "tiny", "methods": ["ce", "kd", "reviewkd"], "seeds": [0], "base": TINY_BASE,
              "settings": {"mild": {"overrides": {}, "exclude_methods": ["reviewkd", "kd"]},
                           "noisy": {"overrides": {"data.synthetic.noise": 1.5}, "exclude_methods": ["reviewkd"]}}}
     p, out = store_suite(tmp_path, suite)
@@ -211,7 +211,7 @@ def test_excluded_methods_say_why(tmp_path, monkeypatch):
 
 
 def test_one_seed_tables_print_no_nan(tmp_path, monkeypatch):
-    suite = {"name": "tiny", "methods": ["ce", "kd", "fitnet", "mmd"], "seeds": [0], "base": BASE,
+    suite = {"name": "tiny", "methods": ["ce", "kd", "fitnet", "mmd"], "seeds": [0], "base": TINY_BASE,
              "settings": {"mild": {"overrides": {}}}, "headline": {"method": "kd", "control": "mmd"}}
     p, out = store_suite(tmp_path, suite)
     no_training(monkeypatch)

@@ -14,7 +14,7 @@ import ucmkd.cache as cache
 from ucmkd.api import load_pair, run
 from ucmkd.engine import get_teacher, load_checkpoint
 
-from test_training import small_cfg
+from factories import small_config
 
 VOLATILE = ("seconds", "run_dir")      # wall time and the directory's own name
 
@@ -25,10 +25,8 @@ class Killed(BaseException):
 
 
 def _cfg(cache_dir: str):
-    cfg = small_cfg("ucmkd", epochs=3)
-    cfg.optim.steps_per_epoch = 2
-    cfg.data.cache_dir = cache_dir      # module-scoped: set before conftest's per-test cache
-    return cfg
+    # cache_dir module-scoped: set before conftest's per-test cache
+    return small_config("ucmkd", 3, cache_dir, **{"optim.steps_per_epoch": 2})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from ucmkd.diagnose import (COEFFICIENTS_FILE, PROBE_EPOCHS, Diagnosis, GainMode
 from ucmkd.engine import get_teacher
 from ucmkd.errors import DataError
 
-from test_training import small_cfg
+from factories import small_config
 
 
 def fake_rows(n, seed=0):
@@ -86,7 +86,7 @@ def test_ridge_classifier_against_numpy():
 
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
-    cfg = small_cfg("ucmkd", epochs=8)
+    cfg = small_config("ucmkd", epochs=8)
     cfg.data.cache_dir = str(tmp_path_factory.mktemp("cache"))
     student, teacher_data = load_pair(cfg)
     teacher, info = get_teacher(cfg, teacher_data)

@@ -34,6 +34,7 @@ from ucmkd.methods import build_distiller
 from ucmkd.models import build_classifier
 
 from distributed_workers import GRAD_CASES, step_grads
+from factories import small_config
 from test_commit import assert_same_run
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -181,17 +182,7 @@ def test_the_fp16_loss_scale_is_committed_so_a_resume_is_exact(tmp_path):
 
 # --------------------------------------------------------------------------- one launch, three jobs
 def _fit_config(cache_dir: str) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
-    cfg.data.synthetic = SyntheticConfig(n_items=400, num_classes=4)
-    cfg.data.cache_dir = cache_dir
-    cfg.teacher.epochs, cfg.teacher.batch_size = 4, 32
-    cfg.model.teacher_width = cfg.model.student_width = 16
-    cfg.model.teacher_feat_dim = cfg.model.student_feat_dim = 8
-    cfg.optim.epochs, cfg.optim.steps_per_epoch, cfg.optim.batch_size, cfg.optim.warmup_epochs = 3, 2, 16, 1
-    cfg.method.name, cfg.method.params = "ucmkd", {"n_iter": 10}
-    cfg.threads = 1
-    return cfg
+    return small_config("ucmkd", 3, cache_dir, **{"teacher.epochs": 4, "optim.steps_per_epoch": 2, "threads": 1})
 
 
 @pytest.fixture(scope="module")

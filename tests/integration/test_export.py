@@ -13,14 +13,14 @@ from ucmkd.export import ExportedStudent, export_student, load_exported
 from ucmkd.engine.shadow import CEShadow
 from ucmkd.models import build_classifier
 
-from test_training import small_cfg
+from factories import small_config
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished ucmkd run (its CE shadow selected, so the loaded weights are not the distilled
     student's) and the result it returned."""
-    cfg = small_cfg("ucmkd", epochs=2)
+    cfg = small_config("ucmkd", epochs=2)
     cfg.data.cache_dir = str(tmp_path_factory.mktemp("cache"))
     student, teacher_data = load_pair(cfg)
     teacher, info = get_teacher(cfg, teacher_data)
@@ -125,7 +125,7 @@ class Unscriptable(torch.nn.Module):
 def test_an_unscriptable_encoder_is_traced(tmp_path):
     from ucmkd.models import Classifier
 
-    cfg = small_cfg("ce", epochs=1)
+    cfg = small_config("ce", epochs=1)
     student, teacher_data = load_pair(cfg)
 
     def build():
@@ -144,7 +144,7 @@ def test_an_unscriptable_encoder_is_traced(tmp_path):
 
 
 def test_a_user_built_student_must_be_given_again(tmp_path):
-    cfg = small_cfg("ce", epochs=1)
+    cfg = small_config("ce", epochs=1)
     student, teacher_data = load_pair(cfg)
     torch.manual_seed(0)
     mine = build_classifier(student.input_shape, student.kind, student.num_classes, "plain-mlp", width=8, feat_dim=8)

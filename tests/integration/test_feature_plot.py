@@ -13,7 +13,7 @@ from ucmkd.engine import get_teacher
 from ucmkd.errors import ConfigError, DataError
 from ucmkd.feature_plot import find_ce_run, plot_features
 
-from test_training import small_cfg
+from factories import small_config
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def grid(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
     out = {}
     for m in ("ucmkd", "ce"):
-        cfg = small_cfg(m, epochs=2)
+        cfg = small_config(m, epochs=2)
         cfg.data.cache_dir = cache
         student, teacher_data = load_pair(cfg)
         teacher, info = get_teacher(cfg, teacher_data)

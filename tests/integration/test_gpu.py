@@ -3,7 +3,7 @@ collectives in one process, pinned-memory batch reading and the device of the te
 table. They run only where CUDA is available (``pytest -m cuda``; ``benchmarks/gpu_check.py``
 runs them with the GPU cost tables) and are skipped everywhere else, CI included.
 
-The problem is the 4-class synthetic one of ``test_training`` (MLP encoders: cuBLAS matmuls give
+The problem is the 4-class synthetic one of ``factories.SYNTHETIC`` (MLP encoders: cuBLAS matmuls give
 the same result run after run, so resumed and uninterrupted runs can be compared exactly)."""
 import socket
 
@@ -15,27 +15,14 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def _cfg(tmp_path, method="ce", precision="fp32", **over):
-    from ucmkd.config import RunConfig, SyntheticConfig
+def _cfg(tmp_path, method="ce", precision="fp32", **fields):
+    """The synthetic run on CUDA; ``fields``: dotted overrides."""
+    from factories import run_config
 
-    cfg = RunConfig()
-    cfg.device = "cuda"
-    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
-    cfg.data.synthetic = SyntheticConfig(n_items=400, num_classes=4)
-    cfg.data.cache_dir = str(tmp_path / "cache")
-    cfg.teacher.epochs, cfg.teacher.batch_size = 5, 32
-    cfg.optim.epochs, cfg.optim.steps_per_epoch, cfg.optim.batch_size = 6, 6, 32
-    cfg.optim.precision = precision
-    cfg.method.name = method
-    if method.startswith("ucmkd"):
-        cfg.method.params = {"n_iter": 20}
-    for k, v in over.items():
-        obj, *path = k.split("__")
-        node = getattr(cfg, obj)
-        for p in path[:-1]:
-            node = getattr(node, p)
-        setattr(node, path[-1], v)
-    return cfg
+    ucmkd = {"method.params": {"n_iter": 20}} if method.startswith("ucmkd") else {}
+    return run_config(method, 6, tmp_path / "cache", data="synthetic", device="cuda", **{
+        "teacher.epochs": 5, "teacher.batch_size": 32, "optim.steps_per_epoch": 6, "optim.batch_size": 32,
+        "optim.precision": precision, **ucmkd, **fields})
 
 
 def _last(res: dict) -> dict:
@@ -134,7 +121,7 @@ def test_pinned_memory_reading_of_lazy_batches(tmp_path):
     import ucmkd
     from ucmkd.api import prepare
 
-    cfg = _cfg(tmp_path, "kd", data__storage="mmap", data__workers=1)
+    cfg = _cfg(tmp_path, "kd", **{"data.storage": "mmap", "data.workers": 1})
     ctx = prepare(cfg)
     assert ctx.sampler.pin_memory and ctx.sampler.reader_workers == 1
     batch = next(iter(ctx.sampler.epoch(0)))

@@ -23,7 +23,7 @@ from ucmkd.methods import METHODS, register_method
 from ucmkd.methods.ce import CE
 from ucmkd.plugins import digest, load_plugins, user_code
 
-from test_bench import BASE
+from factories import TINY_BASE
 
 
 def plugin_source(prefix: str, weight: str = "0.5") -> str:
@@ -65,7 +65,7 @@ class ScaledCE(CE):
 
 
 def tiny_base(prefix: str) -> dict:
-    return {**BASE, "data": {"teacher": f"{prefix}/a", "student": f"{prefix}/b"}}
+    return {**TINY_BASE, "data": {"teacher": f"{prefix}/a", "student": f"{prefix}/b"}}
 
 
 def write_plugin(path: Path, prefix: str, weight: str = "0.5") -> Path:
@@ -92,7 +92,7 @@ def rows(path: Path) -> list:
 def test_configs_without_plugins_keep_their_keys():
     """Pinned before plugins existed: configs using ucmkd's code alone keep their run and store keys."""
     assert run_key(RunConfig()) == "5b269cb990"
-    cfg = from_dict(RunConfig, BASE)
+    cfg = from_dict(RunConfig, TINY_BASE)
     assert run_key(cfg) == "626b16518e"
     assert Cell("mild", "ce", 0, cfg, Path("x")).store_key == "mild|ce|626b16518e"
     assert "user_code" not in key_config(cfg) and "plugins" not in key_config(cfg)
@@ -107,10 +107,10 @@ def test_a_method_registered_from_python_is_keyed_by_its_file():
         @register_method(name)
         class Direct(CE):
             pass
-    cfg = from_dict(RunConfig, {**BASE, "method": {"name": name}})
+    cfg = from_dict(RunConfig, {**TINY_BASE, "method": {"name": name}})
     assert user_code(key_config(cfg)) == {f"method {name}": digest([sha(Path(__file__))])}
     assert key_config(cfg)["user_code"] == user_code(key_config(cfg))
-    plain = from_dict(RunConfig, BASE)
+    plain = from_dict(RunConfig, TINY_BASE)
     assert run_key(cfg) != run_key(plain)
 
 
@@ -145,7 +145,7 @@ def test_a_plugin_backbone_enters_the_teacher_key(tmp_path):
     (tmp_path / "bb.py").write_text("from ucmkd.models.backbones import BACKBONES, mlp\n\n"
                                     "BACKBONES.register('plug-bb')(lambda input_shape, **kw: mlp(input_shape, **kw))\n")
     (p,) = load_plugins([str(tmp_path / "bb.py")])
-    cfg = from_dict(RunConfig, BASE)
+    cfg = from_dict(RunConfig, TINY_BASE)
     data = load_modality("synthetic/a", cfg.data)
     assert "user_code" not in teacher_key(cfg, data)
     cfg.model.teacher_backbone = "plug-bb"
@@ -273,8 +273,8 @@ def test_train_with_plugin_option_and_yaml_plugins(tmp_path, monkeypatch, capsys
     plugin = write_plugin(tmp_path / "code" / "train_plugin.py", "plug-train")
     monkeypatch.chdir(tmp_path)
     args = ["--no-progress", "method.name=plug-train-ce", *(f"{k}={json.dumps(v)}" for k, v in [
-        ("data", tiny_base("plug-train")["data"]), ("optim", BASE["optim"]), ("model", BASE["model"]),
-        ("pairing", BASE["pairing"])])]
+        ("data", tiny_base("plug-train")["data"]), ("optim", TINY_BASE["optim"]), ("model", TINY_BASE["model"]),
+        ("pairing", TINY_BASE["pairing"])])]
     assert main(["--plugin", "code/train_plugin.py", "train", *args]) == 0, capsys.readouterr().err
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "plug-train-ce" and res["user_code"] == {"train_plugin.py": digest([sha(plugin)])}

@@ -3,7 +3,7 @@ solve kept in float32, fp16 refused on CPU, and bf16 training close to fp32."""
 import pytest
 import torch
 
-from test_training import small_cfg
+from factories import small_config
 from ucmkd.api import build_student, load_pair
 from ucmkd.config import RunConfig, load_config
 from ucmkd.data import PairingSampler
@@ -21,7 +21,7 @@ from ucmkd.models import build_classifier
 def test_fp16_is_refused_on_cpu_and_unknown_precisions_are_named():
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         Precision("fp16", "cpu")
-    cfg = small_cfg("ce")
+    cfg = small_config("ce")
     cfg.optim.precision = "fp16"
     student, _ = load_pair(cfg)
     d = build_distiller("ce", build_student(cfg, student), None)
@@ -63,7 +63,7 @@ def test_both_strategies_run_the_forwards_under_the_precision(method, precision)
 
 
 def _fit(method, precision):
-    cfg = small_cfg(method, epochs=8)
+    cfg = small_config(method, epochs=8)
     cfg.optim.precision = precision
     cfg.optim.steps_per_epoch = 6
     student, teacher_data = load_pair(cfg)

@@ -14,7 +14,7 @@ import yaml
 from ucmkd.cli import main
 from ucmkd.provenance import RECORDED, lock_status, read_lock, versions
 
-from test_bench import BASE
+from factories import TINY_BASE
 
 # conftest runs the suite at 1 thread: 2 shows the setting was applied (spawned bench workers and
 # torchrun ranks also start at 1 thread)
@@ -46,7 +46,7 @@ def _flat_base() -> list[str]:
             else:
                 out.append(f"{prefix}{k}={v}")
 
-    walk(BASE, "")
+    walk(TINY_BASE, "")
     return out
 
 
@@ -65,7 +65,7 @@ def _nested(base: dict, dotted: dict) -> dict:
 def _suite(tmp_path: Path) -> Path:
     p = tmp_path / "settings.yaml"
     p.write_text(yaml.safe_dump({"name": "settings", "methods": ["ce", "kd"], "seeds": [0],
-                                 "base": _nested(BASE, SETTINGS),
+                                 "base": _nested(TINY_BASE, SETTINGS),
                                  "settings": {"one": {"overrides": {}}}}))
     return p
 

@@ -20,11 +20,11 @@ from ucmkd.engine.teacher import build_teacher_model, teacher_dir, teacher_key
 from ucmkd.errors import ConfigError, DataError
 from ucmkd.grid import Cell, ResultStore
 
-from test_bench import BASE
+from factories import TINY_BASE
 
 
 def config(**extra) -> RunConfig:
-    return from_dict(RunConfig, deep_merge(deep_merge(BASE, {"method": {"name": "kd"}}), extra))
+    return from_dict(RunConfig, deep_merge(deep_merge(TINY_BASE, {"method": {"name": "kd"}}), extra))
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +236,7 @@ def test_cli_train_train_teacher_and_bench(tmp_path, trained, capsys):
     assert f"test acc {100 * info['test_acc']:.2f}% (as given, not trained)" in out and f"checkpoint: {path}" in out
 
     suite = {"name": "ck", "methods": ["ce", "kd"], "seeds": [0], "out_dir": str(tmp_path / "bench"),
-             "base": deep_merge(BASE, {"teacher": {"checkpoint": str(path)}, "optim": {"epochs": 1},
+             "base": deep_merge(TINY_BASE, {"teacher": {"checkpoint": str(path)}, "optim": {"epochs": 1},
                                        "data": {"cache_dir": cfg.data.cache_dir}}),
              "settings": {"mild": {"overrides": {}}}}
     (tmp_path / "ck.yaml").write_text(json.dumps(suite))

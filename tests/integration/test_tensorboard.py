@@ -11,7 +11,7 @@ from ucmkd.engine import get_teacher
 from ucmkd.engine.strategies import StandardStrategy
 from ucmkd.errors import ConfigError
 
-from test_training import small_cfg
+from factories import small_config
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -24,9 +24,7 @@ class Killed(BaseException):
 
 
 def _cfg():
-    cfg = small_cfg("ucmkd", epochs=EPOCHS)
-    cfg.logging.tensorboard = True
-    return cfg
+    return small_config("ucmkd", EPOCHS, **{"logging.tensorboard": True})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def test_event_file_has_the_expected_tags_and_steps(data, tmp_path):
         assert ev["val/fallback/acc"][e][1] == pytest.approx(row["fallback_val_acc"], rel=1e-6)
     assert ev["diagnostics/fa_classwise"][0][1] == pytest.approx(res["diag_fa_classwise"], rel=1e-6)
     iters = [v for _, v in ev["ot/fa/iterations"]]
-    assert all(1 <= v <= 10 and v == int(v) for v in iters)       # small_cfg: n_iter 10
+    assert all(1 <= v <= 10 and v == int(v) for v in iters)       # small_config: n_iter 10
 
 
 def test_solver_statistics_are_tags_not_epoch_columns(data, tmp_path):

@@ -6,31 +6,13 @@ import pytest
 import torch
 
 from ucmkd.api import run
-from ucmkd.config import RunConfig, SyntheticConfig
+from ucmkd.config import SyntheticConfig
 from ucmkd.engine import get_teacher, load_checkpoint, warmup_cosine
 from ucmkd.engine.teacher import teacher_dir
 from ucmkd.errors import NumericalError
 from ucmkd.data import load_modality
 
-
-def small_cfg(method="ucmkd-joint", epochs=4, **kw):
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
-    cfg.data.synthetic = SyntheticConfig(n_items=400, num_classes=4)
-    cfg.teacher.epochs = 5
-    cfg.teacher.batch_size = 32
-    cfg.optim.epochs = epochs
-    cfg.optim.steps_per_epoch = 3
-    cfg.optim.batch_size = 16
-    cfg.optim.warmup_epochs = 1
-    cfg.model.teacher_width = cfg.model.student_width = 16
-    cfg.model.teacher_feat_dim = cfg.model.student_feat_dim = 8
-    cfg.method.name = method
-    if method.startswith("ucmkd"):
-        cfg.method.params = {"n_iter": 10}
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
+from factories import small_config
 
 
 def test_warmup_cosine_schedule():
@@ -41,7 +23,7 @@ def test_warmup_cosine_schedule():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    cfg = small_cfg(epochs=4)
+    cfg = small_config(epochs=4)
     full = run(cfg, run_dir=tmp_path / "full")
     # interrupted after 2 epochs, then resumed to the end
     from ucmkd.api import run as run2
@@ -78,7 +60,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_selection_on_validation_and_outputs(tmp_path):
-    res = run(small_cfg("ce", epochs=5), run_dir=tmp_path)
+    res = run(small_config("ce", epochs=5), run_dir=tmp_path)
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 5
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -90,7 +72,7 @@ def test_selection_on_validation_and_outputs(tmp_path):
 
 
 def test_nan_loss_is_detected_and_reported(tmp_path, monkeypatch):
-    cfg = small_cfg("ce", epochs=3)
+    cfg = small_config("ce", epochs=3)
     import ucmkd.methods.ce as ce
 
     calls = {"n": 0}
@@ -111,7 +93,7 @@ def test_nan_loss_is_detected_and_reported(tmp_path, monkeypatch):
 
 
 def test_teacher_is_cached_and_keyed(tmp_path):
-    cfg = small_cfg()
+    cfg = small_config()
     cfg.data.cache_dir = str(tmp_path)
     data = load_modality("synthetic/a", cfg.data)
     m1, info1 = get_teacher(cfg, data)
@@ -121,23 +103,17 @@ def test_teacher_is_cached_and_keyed(tmp_path):
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
         assert torch.equal(a, b)
     assert not m2.training and not any(p.requires_grad for p in m2.parameters())
-    other = small_cfg()
+    other = small_config()
     other.data.cache_dir = str(tmp_path)
     other.teacher.seed = 1
-    assert teacher_dir(other, data) != teacher_dir(small_cfg_with_cache(tmp_path), data)
+    assert teacher_dir(other, data) != teacher_dir(small_config(cache_dir=tmp_path), data)
     assert info1["test_acc"] > 0.5 and math.isfinite(info1["val_acc"])   # chance: 0.25 (4 classes)
-
-
-def small_cfg_with_cache(tmp_path):
-    c = small_cfg()
-    c.data.cache_dir = str(tmp_path)
-    return c
 
 
 def test_teacher_key_follows_the_data_recipe_not_just_the_shape(tmp_path):
     """(A user's file changed in content only: tests/unit/test_keys.py.)"""
-    cfg = small_cfg()
+    cfg = small_config()
     base = teacher_dir(cfg, load_modality("synthetic/b", cfg.data))
-    noisier = small_cfg()
+    noisier = small_config()
     noisier.data.synthetic = SyntheticConfig(n_items=400, num_classes=4, noise=1.5)   # same shape
     assert teacher_dir(noisier, load_modality("synthetic/b", noisier.data)) != base

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from ucmkd.api import prepare, run
-from ucmkd.config import RunConfig
 from ucmkd.data.pairing import Batch
 from ucmkd.errors import ConfigError
 from ucmkd.export import load_student
 from ucmkd.methods import METHODS, build_distiller
 from ucmkd.models import build_classifier
+
+from factories import run_config
 
 
 def _ce_ref(z: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray) -> float:
@@ -90,13 +91,9 @@ def test_w_other_is_validated_and_named():
 
 
 def _digits_cfg():
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = "digits/image", "digits/signal"
-    cfg.method.name = "better-together"
-    cfg.pairing.label_budget = 5
-    cfg.optim.epochs, cfg.optim.steps_per_epoch, cfg.optim.batch_size = 2, 3, 32
-    cfg.model.teacher_width = cfg.model.student_width = 8
-    return cfg
+    return run_config("better-together", 2, data=("digits/image", "digits/signal"), **{
+        "pairing.label_budget": 5, "optim.steps_per_epoch": 3, "optim.batch_size": 32,
+        "model.teacher_width": 8, "model.student_width": 8})
 
 
 def test_prepare_draws_the_other_modality_without_a_teacher():

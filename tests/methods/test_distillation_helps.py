@@ -16,20 +16,15 @@ from ucmkd.api import load_pair, run
 from ucmkd.config import RunConfig
 from ucmkd.engine import get_teacher
 
+from factories import run_config
+
 MARGIN_PP = 1.5
 SEEDS = (0, 1)
 
 
 def _cfg(method: str, seed: int, cache) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = "digits/signal", "digits/image"
-    cfg.data.cache_dir = str(cache)
-    cfg.model.teacher_width = 32
-    cfg.teacher.epochs = 8
-    cfg.optim.epochs, cfg.optim.steps_per_epoch = 12, 8
-    cfg.pairing.label_budget = 10
-    cfg.method.name, cfg.seed = method, seed
-    return cfg
+    return run_config(method, 12, cache, data=("digits/signal", "digits/image"), seed=seed, **{
+        "model.teacher_width": 32, "teacher.epochs": 8, "optim.steps_per_epoch": 8, "pairing.label_budget": 10})
 
 
 @pytest.mark.slow

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import SMALL_STEPS, SMALL_STUDENT, run_config
 from helpers import check_contract
 
 from ucmkd.api import key_config, prepare, run, run_key
 from ucmkd.augment import batch_generator, get_policy
-from ucmkd.config import RunConfig, SyntheticConfig
 from ucmkd.data.pairing import Batch
 from ucmkd.engine import load_checkpoint
 from ucmkd.errors import ConfigError
@@ -203,15 +203,9 @@ def test_a_method_without_a_policy_says_so():
 
 # --------------------------------------------------------------------------- runs
 def small_cfg(method, epochs=3, **pairing):
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
-    cfg.data.synthetic = SyntheticConfig(n_items=400, num_classes=4)
-    cfg.optim.epochs, cfg.optim.steps_per_epoch, cfg.optim.batch_size, cfg.optim.warmup_epochs = epochs, 3, 16, 1
-    cfg.model.student_width, cfg.model.student_feat_dim = 16, 8
-    cfg.method.name = method
-    for k, v in pairing.items():
-        setattr(cfg.pairing, k, v)
-    return cfg
+    """The small synthetic student (the teacher at its defaults: these methods train none)."""
+    return run_config(method, epochs, data="synthetic", layers=(SMALL_STUDENT, SMALL_STEPS),
+                      **{f"pairing.{k}": v for k, v in pairing.items()})
 
 
 def test_mu_sizes_the_unlabelled_batch_and_defaults_keep_earlier_keys():
@@ -272,13 +266,9 @@ def test_resumed_run_with_augmentation_is_bit_identical(tmp_path, case):
 
 
 def _digits_cfg(method, student):
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = ("digits/signal", "digits/image") if student == "image" else \
-        ("digits/image", "digits/signal")
-    cfg.optim.epochs, cfg.optim.steps_per_epoch, cfg.optim.batch_size, cfg.optim.warmup_epochs = 2, 2, 32, 0
-    cfg.pairing.unlabelled_ratio = 2.0
-    cfg.method.name = method
-    return cfg
+    pair = ("digits/signal", "digits/image") if student == "image" else ("digits/image", "digits/signal")
+    return run_config(method, 2, data=pair, **{"optim.steps_per_epoch": 2, "optim.batch_size": 32,
+                                                "optim.warmup_epochs": 0, "pairing.unlabelled_ratio": 2.0})
 
 
 @pytest.mark.parametrize("method,student", [("ce-aug", "signal"), ("fixmatch", "image"), ("freematch", "signal")])

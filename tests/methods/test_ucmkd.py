@@ -350,11 +350,11 @@ def test_fallback_never_changes_the_distilled_students_training():
 
 
 def test_run_records_both_candidates_and_the_choice(tmp_path):
-    from test_training import small_cfg
+    from factories import small_config
 
     from ucmkd.api import run
 
-    cfg = small_cfg("ucmkd", epochs=3)
+    cfg = small_config("ucmkd", epochs=3)
     cfg.pairing.label_budget = 5
     res = run(cfg, run_dir=tmp_path / "r")
     assert res["selected"] in ("student", "fallback")

@@ -28,8 +28,10 @@ import sys
 import torch
 from torch import nn
 
-from ucmkd.config import RunConfig, SyntheticConfig
+from ucmkd.config import RunConfig
 from ucmkd.models import Classifier
+
+from factories import SMALL_TEACHER, run_config
 
 #: method -> params of the gradient-equality check (no warm-up ramp, so that every term counts
 #: at the first step; ucmkd: a fixed pseudo-label threshold below the largest class probability
@@ -54,17 +56,9 @@ GRAD_CASES = {**{m: (m, "fp32", {}) for m in GRAD_METHODS},
 
 def grad_config(method: str, cache_dir: str, precision: str = "fp32", params: dict | None = None) -> RunConfig:
     """4-class synthetic problem, global batch 16 (8 per rank on 2 ranks), 10 labels per class."""
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = "synthetic/a", "synthetic/b"
-    cfg.data.synthetic = SyntheticConfig(n_items=400, num_classes=4)
-    cfg.data.cache_dir = cache_dir
-    cfg.teacher.epochs, cfg.teacher.batch_size = 5, 32
-    cfg.model.teacher_width, cfg.model.teacher_feat_dim = 16, 8
-    cfg.optim.batch_size, cfg.optim.steps_per_epoch, cfg.optim.clip_norm = 16, 2, 0.0
-    cfg.method.name, cfg.method.params = method, {**GRAD_METHODS[method], **(params or {})}
-    cfg.optim.precision = precision
-    cfg.threads = 1
-    return cfg
+    return run_config(method, None, cache_dir, data="synthetic", layers=(SMALL_TEACHER,), threads=1, **{
+        "optim.batch_size": 16, "optim.steps_per_epoch": 2, "optim.clip_norm": 0.0, "optim.precision": precision,
+        "method.params": {**GRAD_METHODS[method], **(params or {})}})
 
 
 def no_bn_student(input_dim: int, num_classes: int) -> Classifier:

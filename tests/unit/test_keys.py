@@ -20,6 +20,8 @@ from ucmkd.engine.teacher import teacher_dir
 from ucmkd.errors import DataError
 from ucmkd.models import Classifier
 
+from factories import run_config
+
 # a dataset registered README-style, without a fingerprint, whose columns a test can change
 SOURCE = {"cols": slice(0, 6)}
 _RNG = np.random.default_rng(0)
@@ -33,16 +35,10 @@ def _feat(cfg):
 
 
 def _cfg(tmp_path, **optim):
-    cfg = RunConfig()
-    cfg.data.teacher, cfg.data.student = "keys-test/feat", "synthetic/b"
-    cfg.data.cache_dir = str(tmp_path / "cache")
-    cfg.model.teacher_width = cfg.model.student_width = 8
-    cfg.model.teacher_feat_dim = cfg.model.student_feat_dim = 8
-    cfg.teacher.epochs, cfg.teacher.batch_size = 2, 32
-    cfg.optim.epochs, cfg.optim.steps_per_epoch, cfg.optim.batch_size = 2, 2, 16
-    for k, v in optim.items():
-        setattr(cfg.optim, k, v)
-    return cfg
+    return run_config(None, 2, tmp_path / "cache", data=("keys-test/feat", "synthetic/b"), **{
+        "model.teacher_width": 8, "model.student_width": 8, "model.teacher_feat_dim": 8, "model.student_feat_dim": 8,
+        "teacher.epochs": 2, "teacher.batch_size": 32, "optim.steps_per_epoch": 2, "optim.batch_size": 16,
+        **{f"optim.{k}": v for k, v in optim.items()}})
 
 
 @pytest.fixture
