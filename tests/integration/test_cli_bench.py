@@ -36,7 +36,8 @@ def suite_yaml(tmp_path):
 
 @pytest.mark.slow
 def test_bench_only_with_narrowed_methods_and_seeds(tmp_path, suite_yaml, capsys):
-    """Issue 13, item 6, through the CLI: one setting, two methods, one seed."""
+    """``--only``, ``seeds=[...]`` and ``methods=[...]`` narrow a bench through the CLI: one setting,
+    two methods, one seed run, and the reports count the suite's own cells."""
     out = tmp_path / "out"
     code = main(["bench", str(suite_yaml), "--only", "no*", "--out", str(out), "--no-progress",
                  "seeds=[0]", "methods=[ce,kd]"])
@@ -49,7 +50,7 @@ def test_bench_only_with_narrowed_methods_and_seeds(tmp_path, suite_yaml, capsys
     assert "2 runs requested, 2 of 12 suite runs finished" in capsys.readouterr().out
 
 
-def test_full_suite_narrowed_as_in_the_issue(tmp_path):
+def test_narrowed_full_suite_runs_the_named_cells_despite_exclusions(tmp_path):
     """`ucmkd bench full --only spoken-img2aud-k10 'seeds=[0]' 'methods=[ce,ucmkd]'`: the cells it
     runs (the synthetic settings exclude reviewkd, which the narrowed list does not have)."""
     from ucmkd.bench import suite_cells, suite_path

@@ -112,7 +112,7 @@ def test_a_kill_at_any_write_resumes_to_the_uninterrupted_result(setup, tmp_path
 
 @pytest.mark.slow
 def test_a_real_sigkill_between_the_commit_and_the_exports(setup, tmp_path):
-    """The issue's case: killed (SIGKILL, in a child process) right after epoch 2's latest.pt,
+    """A real kill: SIGKILL (in a child process) right after epoch 2's latest.pt,
     before its best.pt; the resumed run restores the right weights (same diagnostics)."""
     cfg, kw, ref, writes = setup
     k = [i for i, w in enumerate(writes) if w == "latest.pt"][1]

@@ -304,7 +304,7 @@ def test_backbone_args_are_passed_and_checked():
         build_classifier((1, 40), "signal", 10, backbone_args={"depht": 2})
 
 
-# --------------------------------------------------------------------------- models and runs (issue 13, item 5)
+# --------------------------------------------------------------------------- models and runs: what does not fit is named
 def _model_cfg(tmp_path, *overrides):
     return load_config(RunConfig, None, ["data.teacher=synthetic/a", "data.student=synthetic/b",
                                          "data.synthetic.n_items=240", "data.synthetic.num_classes=4",

@@ -82,7 +82,8 @@ def test_modality_fingerprint_follows_content_not_the_name():
 
 
 def test_teacher_cache_retrains_for_changed_data_and_reuses_unchanged(tmp_path, no_training):
-    """Issue 13, item 1: the README-style dataset (no fingerprint) changes its columns."""
+    """A dataset registered README-style (no fingerprint) changes its columns: the teacher retrains;
+    back to the first columns, the cached teacher is reused."""
     cfg = _cfg(tmp_path)
     SOURCE["cols"] = slice(0, 6)
     t1, info1 = get_teacher(cfg, load_modality("keys-test/feat", cfg.data))
@@ -158,7 +159,8 @@ def _run_cfg(tmp_path, **optim):
 
 
 def test_a_run_dir_of_another_model_config_or_data_is_a_named_error(tmp_path):
-    """Issue 13, item 2: the same call with a wider student does not return the first result."""
+    """The same call with a wider student (or another lr, or changed data) does not return the first
+    run's result: a named error, and the directory is left as it was."""
     cfg = _run_cfg(tmp_path)
     d = tmp_path / "run"
     first = run(cfg, run_dir=d, student_model=_mlp(16))
