@@ -84,7 +84,7 @@ print(json.dumps({"load_s": t1 - t0, "batches_per_s": n / (t2 - ts), "steps_per_
 def write_modality(path: Path, n: int, d: int) -> None:
     """``x`` [n, d] float32 (4 classes, column scales 1e-2..1e2) and ``y`` [n] as an uncompressed
     ``.npz``, written in blocks of 4096 rows (never whole in memory). Also the modality of
-    ``tests/test_lazy_data.py``'s memory-limit test."""
+    ``tests/unit/test_lazy_data.py``'s memory-limit test."""
     from ucmkd.cache import write_npz_rows
 
     rng = np.random.default_rng(0)

@@ -1,9 +1,9 @@
 """1- vs 2-process equality of the training gradient, per method: the numbers behind
-tests/test_distributed.py (which asserts them), printed as a table.
+tests/integration/test_distributed.py (which asserts them), printed as a table.
 
     UCMKD_CACHE=/tmp/ucmkd-cache python benchmarks/ddp_equality.py
 
-For every case of ``tests/distributed_workers.py``'s GRAD_CASES (each method under fp32; the
+For every case of ``tests/support/distributed_workers.py``'s GRAD_CASES (each method under fp32; the
 paper's and the default method under bf16), one training step on the first global batch (16
 items; 8 per rank under 2 processes) of a 4-class synthetic problem with a student without
 batch norm: the gradient each rank steps with, against the 1-process gradient, as the
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+SUPPORT = ROOT / "tests" / "support"
+sys.path.insert(0, str(SUPPORT))
 
 from distributed_workers import GRAD_CASES, step_grads  # noqa: E402  (the tests' own worker)
 
@@ -37,9 +38,9 @@ def main() -> None:
         cache, out = str(Path(tmp) / "cache"), str(Path(tmp) / "g")
         ref = {c: step_grads(c, cache) for c in GRAD_CASES}
         env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+               "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(SUPPORT), os.environ.get("PYTHONPATH", "")])}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "tests" / "distributed_workers.py"), "grads", cache, out],
+                        str(SUPPORT / "distributed_workers.py"), "grads", cache, out],
                        env=env, check=True, capture_output=True, timeout=600)
         ranks = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(2)]
     print("| method | precision | relative gradient error, 2 processes vs 1 (rank 0, rank 1) | "

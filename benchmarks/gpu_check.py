@@ -1,7 +1,7 @@
 """The GPU check: everything that needs CUDA, in one prepared script of at most ~5 minutes on one
 GPU (nothing else in the project needs a GPU; CI never has one).
 
-1. the CUDA tests (``pytest -m cuda tests/test_gpu.py``: bf16 and fp16 with the scaler and its
+1. the CUDA tests (``pytest -m cuda tests/integration/test_gpu.py``: bf16 and fp16 with the scaler and its
    checkpointed state, nccl collectives in one process, pinned-memory reading, the teacher-output
    table's device);
 2. the cost table of ``benchmarks/cost.py`` on the GPU (ratio of each method's fit time to ce's,
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t = time.time()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT, env=env, capture_output=True, text=True)
+                           str(ROOT / "tests" / "integration" / "test_gpu.py")], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     tail = "\n".join(proc.stdout.strip().splitlines()[-25:])
     out += ["## CUDA tests", "", "```", tail, "```", f"({time.time() - t:.0f} s, exit code {proc.returncode})", ""]
     print("\n".join(out), flush=True)

@@ -4,18 +4,18 @@
 
 For each recipe (``ucmkd list``) and method, the first step (epoch 0) is run through ucmkd
 (the recipe's config, optimiser, schedule and strategy) and through the plain-PyTorch
-reference of the documented settings (tests/paper_reference.py: deepcopy, torch.optim,
+reference of the documented settings (tests/support/paper_reference.py: deepcopy, torch.optim,
 torch.optim.lr_scheduler, POT), from the same weights and batch. Printed: the maximum over
 parameter tensors of ||dW_ucmkd - dW_ref|| / ||dW_ref|| (dW: the step's change of the
 weights) in float64 and float32 with fp32 arithmetic, and, where the recipe runs in bf16,
-with both sides under bf16 autocast. ``tests/test_recipes.py`` asserts the same quantities.
+with both sides under bf16 autocast. ``tests/methods/test_recipes.py`` asserts the same quantities.
 """
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 import paper_reference as ref  # noqa: E402
 from ucmkd.recipes import load_recipe, recipe_names  # noqa: E402
 

@@ -1,7 +1,16 @@
+"""Suite-wide setup. The tests live in unit/, methods/ and integration/; the modules they share
+(helpers, references, paper_reference, distributed_workers, ot_bits_cases) live in support/,
+put on sys.path here so that every test imports them by name (``import references as ref``)."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+SUPPORT = Path(__file__).resolve().parent / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
 
 torch.set_num_threads(1)
 
