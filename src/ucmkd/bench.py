@@ -299,7 +299,9 @@ def report(suite: SuiteConfig, results: list[dict], out: Path) -> dict:
             h.ablation_prefix, h.ungated, distillers, free, aug_baseline=h.aug_baseline) + "\n")
     write_csv(results, out / "results.csv", extra=["setting"])
     _write_summary(rows, out / "summary.csv")
-    if len({(r["teacher"], r["student"], r["setting"]) for r in results}) == len({(r["teacher"], r["student"]) for r in results}):
+    dirs = {(r.get("teacher"), r.get("student")) for r in results}
+    if results and all(t and s for t, s in dirs) and \
+            len({(r.get("teacher"), r.get("student"), r["setting"]) for r in results}) == len(dirs):
         overview(results, methods, suite.baseline, out, suite.name)   # one setting per direction: the compact view
     ran = [s for s in settings if any(r["setting"] == s for r in rows)]
     if ran and any(m != suite.baseline for m in methods):

@@ -104,7 +104,7 @@ def test_the_plot_reads_the_runs_recorded_draw_even_under_a_marginal_mismatch(tm
     from ucmkd.export import load_student
     from ucmkd.feature_plot import _labelled
 
-    cfg = small_cfg("ucmkd", epochs=1)
+    cfg = small_config("ucmkd", epochs=1)
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.pairing.mismatch_ratio = 0.5
     run(cfg, run_dir=tmp_path / "r")
@@ -127,7 +127,7 @@ def test_the_plot_maps_student_features_with_the_runs_learned_projector(tmp_path
     from ucmkd.feature_plot import _student_map
 
     monkeypatch.setattr(CEShadow, "select", lambda self, records, chosen: chosen)    # the distilled student
-    cfg = small_cfg("ucmkd", epochs=1)
+    cfg = small_config("ucmkd", epochs=1)
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.model.student_feat_dim = cfg.model.teacher_feat_dim + 4
     student, teacher_data = load_pair(cfg)
