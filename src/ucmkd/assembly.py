@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from .cache import content_key, model_signature, state_digest
 from .checks import check_data, check_device, check_model
-from .config import OptimConfig, RunConfig, check_ranges, from_dict, to_dict
+from .config import SUPERVISED, OptimConfig, RunConfig, check_ranges, from_dict, to_dict
 from .data import ModalityData, PairingSampler, check_compatible, load_modality
 from .data.pairing import loader_options, validate_pairing
 from .engine import Trainer, apply_threads, distributed, evaluate, get_teacher, seed_everything
@@ -113,12 +113,12 @@ def sampler_for(cfg: RunConfig, student: ModalityData, teacher_data: Optional[Mo
 
 
 def teacher_run_config(cfg: RunConfig) -> RunConfig:
-    """The teacher's own training as an ordinary run: plain cross-entropy (``ce``) on the teacher
+    """The teacher's own training as an ordinary run: plain cross-entropy (``SUPERVISED``) on the teacher
     modality with every training item labelled, the teacher's architecture, schedule
     (``cfg.teacher``) and seed; no augmentation, no logging."""
     d = to_dict(cfg)
     optim = {f.name for f in fields(OptimConfig)}
-    d.update(method={"name": "ce", "params": {}}, pairing={"label_budget": None}, augment={}, logging={},
+    d.update(method={"name": SUPERVISED, "params": {}}, pairing={"label_budget": None}, augment={}, logging={},
              optim={k: v for k, v in d["teacher"].items() if k in optim}, seed=cfg.teacher.seed, recipe=None)
     d["data"]["student"] = cfg.data.teacher
     for f in ("backbone", "width", "feat_dim", "backbone_args"):

@@ -5,7 +5,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import ExperimentConfig, RunConfig, SuiteConfig, deep_merge, from_dict, nest, save_config
+from .config import SUPERVISED, ExperimentConfig, RunConfig, SuiteConfig, deep_merge, from_dict, nest, save_config
 from .errors import ConfigError
 from .grid import cell_config, validate_methods
 
@@ -42,7 +42,7 @@ def experiment_suite(exp: ExperimentConfig) -> SuiteConfig:
     settings = {f"{t} -> {s}": {"overrides": {"data.teacher": t, "data.student": s}} for t, s in exp.directions}
     return SuiteConfig(name=exp.name, out_dir=exp.out_dir, base=exp.base, methods=list(exp.methods),
                        method_params=dict(exp.method_params), variants=dict(exp.variants), seeds=list(exp.seeds),
-                       settings=settings, baseline="ce" if "ce" in exp.methods else exp.methods[0],
+                       settings=settings, baseline=SUPERVISED if SUPERVISED in exp.methods else exp.methods[0],
                        plugins=list(exp.plugins))
 
 

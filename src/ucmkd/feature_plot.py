@@ -30,8 +30,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .keys import run_key_parts
+from .config import SUPERVISED
 from .errors import ConfigError, DataError
+from .keys import run_key_parts
 
 EMBEDDINGS = ("tsne", "umap")
 
@@ -157,7 +158,7 @@ def find_ce_run(run_dir: Path) -> Optional[Path]:
     mine = run_key_parts(run_dir)
     for cand in sorted(run_dir.parent.parent.glob(f"*/{run_dir.name}")):
         res = read_json(cand / "result.json", "run result") if cand != run_dir else None
-        if not res or res.get("method") != "ce" or res.get("params") not in (None, {}, {"label_smoothing": 0.0}):
+        if not res or res.get("method") != SUPERVISED or res.get("params") not in (None, {}, {"label_smoothing": 0.0}):
             continue
         other = run_key_parts(cand)
         if all(mine.get(k) == other.get(k) for k in ("student_data", "teacher_data")) and \
@@ -181,7 +182,7 @@ def ce_run_for(loaded, ce_dir: Optional[str | Path] = None, log=print) -> Path:
     from .config import from_dict, to_dict
 
     d = to_dict(loaded.config)
-    d["method"] = {"name": "ce", "params": {}}
+    d["method"] = {"name": SUPERVISED, "params": {}}
     d["logging"] = {}
     target = loaded.run_dir / "plot-ce"
     if not (target / "result.json").is_file():
@@ -209,7 +210,7 @@ def plot_features(run_dir: str | Path, ce_dir: Optional[str | Path] = None, meth
         _require_umap()               # before anything is loaded or trained
     loaded = load_student(run_dir)
     runs = [loaded]
-    if loaded.config.method.name != "ce":
+    if loaded.config.method.name != SUPERVISED:
         runs.append(load_student(ce_run_for(loaded, ce_dir, log)))
     student, teacher_data = load_pair(loaded.config)
     teacher = _teacher_for(loaded, student, teacher_data)

@@ -12,8 +12,8 @@ dataset families' options), :mod:`.run` (the other sections of a run and :class:
 from .data import AVConfig, DataConfig, FolderConfig, SpokenDigitsConfig, SyntheticConfig, TabularConfig
 from .fields import _check_choice, _check_range, _join, check_ranges, choices_of, range_text, ranged
 from .grids import ExperimentConfig, HeadlineConfig, SettingConfig, SuiteConfig
-from .run import (AugmentConfig, LoggingConfig, MethodConfig, ModelConfig, OptimConfig, PairingConfig, RunConfig,
-                  TeacherConfig)
+from .run import (SUPERVISED, AugmentConfig, LoggingConfig, MethodConfig, ModelConfig, OptimConfig, PairingConfig,
+                  RunConfig, TeacherConfig)
 from .serde import (_coerce, builtin_yaml, config_hash, deep_merge, from_dict, is_path, load_config, load_yaml, nest,
                     parse_overrides, register_plugin_loader, replace, resolve_plugin_paths, resolve_spec,
                     resolve_yaml, save_config, to_dict)
@@ -21,7 +21,7 @@ from .serde import (_coerce, builtin_yaml, config_hash, deep_merge, from_dict, i
 __all__ = ["AVConfig", "DataConfig", "FolderConfig", "SpokenDigitsConfig", "SyntheticConfig", "TabularConfig",
            "check_ranges", "choices_of", "range_text", "ranged", "ExperimentConfig", "HeadlineConfig",
            "SettingConfig", "SuiteConfig", "AugmentConfig", "LoggingConfig", "MethodConfig", "ModelConfig",
-           "OptimConfig", "PairingConfig", "RunConfig", "TeacherConfig", "builtin_yaml", "config_hash", "deep_merge",
+           "OptimConfig", "PairingConfig", "RunConfig", "TeacherConfig", "SUPERVISED", "builtin_yaml", "config_hash", "deep_merge",
            "from_dict", "is_path", "load_config", "load_yaml", "nest", "parse_overrides", "register_plugin_loader",
            "replace", "resolve_plugin_paths", "resolve_spec", "resolve_yaml", "save_config", "to_dict",
            "_check_choice", "_check_range", "_join", "_coerce"]

@@ -68,9 +68,15 @@ class TeacherConfig(OptimConfig):
     # its content (sha256 of the file) keys teachers and runs, the schedule fields above are unused
     checkpoint: Optional[str] = None
 
+#: the plain supervised method (cross-entropy on the labelled items): teachers train with it (their
+#: own run, :func:`ucmkd.assembly.teacher_run_config`), so do the diagnose probe and the feature
+#: plot's comparison run; experiments take it as their baseline
+SUPERVISED = "ce"
+
+
 @dataclass
 class MethodConfig:
-    name: str = "ce"
+    name: str = SUPERVISED
     params: dict = field(default_factory=dict)   # validated by the method's own ``Params``
 
 @dataclass
