@@ -9,9 +9,10 @@ true pairs, on synthetic/a -> synthetic/b under ``pairing.mode=paired``) (seed 0
 3 teacher epochs, 4 student epochs of 4 steps), ``ucmkd`` trained by ``torchrun`` in 2
 processes (gloo), ``ucmkd-bilevel`` (in the list of methods) and ``ucmkd`` killed (SIGKILL)
 right after its second epoch's commit and resumed. ``compare`` prints, per run, every field
-of result.json that differs, apart from the fields that describe the execution rather than
-the result (:data:`VOLATILE`: wall-clock seconds, the run directory, the code version).
-Exit status 1 when a field differs or a run is missing.
+of the first record's result.json that differs or is missing in the second, apart from the
+fields that describe the execution rather than the result (:data:`VOLATILE`: wall-clock
+seconds, the run directory, the code version), and lists the fields only the second has (a
+field a change adds). Exit status 1 when a field differs or a run is missing.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def record(out: Path) -> None:
 
 
 def _flat(d, prefix: str = "") -> dict:
-    if isinstance(d, dict):
+    if isinstance(d, dict) and d:
         out = {}
         for k, v in d.items():
             out.update(_flat(v, f"{prefix}{k}."))
@@ -93,7 +94,7 @@ def _same(a, b) -> bool:
 
 
 def compare(before: Path, after: Path) -> int:
-    bad = 0
+    bad, added = 0, set()
     names = sorted({p.name for p in before.glob("*.json")} | {p.name for p in after.glob("*.json")})
     for name in names:
         a, b = before / name, after / name
@@ -102,11 +103,13 @@ def compare(before: Path, after: Path) -> int:
             bad += 1
             continue
         fa, fb = (_flat(json.loads(p.read_text())) for p in (a, b))
-        diff = {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
-                if not k.startswith(VOLATILE) and not _same(fa.get(k), fb.get(k))}
+        diff = {k: (fa.get(k), fb.get(k)) for k in sorted(fa)
+                if not k.startswith(VOLATILE) and not (k in fb and _same(fa[k], fb[k]))}
+        added.update(k for k in fb if k not in fa)
         bad += bool(diff)
         print(f"{name[:-5]:16s} {'identical' if not diff else 'DIFFERS: ' + json.dumps(diff, default=str)}")
-    print(f"{len(names) - bad} of {len(names)} runs identical in every field but {', '.join(VOLATILE)}")
+    print(f"{len(names) - bad} of {len(names)} runs identical in every field of the first record but "
+          f"{', '.join(VOLATILE)}" + (f"; fields only the second has: {', '.join(sorted(added))}" if added else ""))
     return 1 if bad else 0
 
 
