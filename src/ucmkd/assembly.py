@@ -1,6 +1,7 @@
 """One place builds a run: :func:`prepare` turns a config (plus any data, teacher or student
 model the user brings) into a :class:`RunContext`, validating everything before anything trains.
-The models (:func:`model_for`), the pairing sampler and the trainer of every run are built here,
+The models (:func:`ucmkd.models.build_model`), the pairing sampler (:func:`sampler_for`) and the
+trainer (:meth:`RunContext.trainer`) of every run are built here,
 teacher training and the diagnose probe included (ordinary runs of derived configs).
 """
 from __future__ import annotations
