@@ -7,14 +7,17 @@ and the plans of :func:`sinkhorn_plan` with :func:`plan_cost`'s value and gradie
 before the ``ucmkd.losses.ot`` package split computed them (single-file ``ot.py``). A
 refactoring that leaves the arithmetic alone must reproduce them exactly (``torch.equal``).
 
-Bits are a property of the platform (BLAS kernels, vector width): on another torch version or
-CPU capability the test is skipped. ``python tests/unit/test_ot_bits.py --write`` records the
-fixture anew from the current code, only for a commit whose arithmetic is the reference.
+Bits are a property of the numeric path (torch version, CPU capability, oneMKL's kernels): on
+the path the fixture was recorded on, the test asks for bit identity; on any other (another CPU,
+``MKL_CBWR=AVX``) it asks for agreement within a bound from the arithmetic, :func:`bound`.
+``python tests/unit/test_ot_bits.py --write`` records the fixture anew from the current code,
+only for a commit whose arithmetic is the reference.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import warnings
@@ -53,18 +56,34 @@ def _load():
 ENV, EXPECTED = _load()
 
 
-@pytest.fixture(autouse=True)
-def _same_platform():
-    if ENV != environment():
-        pytest.skip(f"fixture recorded on {ENV}, this is {environment()}: bits differ across platforms")
+#: bit identity where the fixture's numeric path is this one; a bound elsewhere
+EXACT = ENV == environment() and not os.environ.get("MKL_CBWR")
 
 
-def _same(got, want) -> bool:
+def bound(prob, dtype) -> float:
+    """Relative bound (to the largest magnitude of a recorded tensor) on another numeric path:
+    every Sinkhorn iteration reduces at most n = max(B, M) terms, whose sum moves by at most
+    (n - 1) eps relative when the summation order changes; the iterations contract, so the
+    perturbations add up at most linearly over n_iter iterations, and the backward pass through
+    them (autodiff) or through the plan (envelope) at most doubles it:
+    2 (n - 1) n_iter eps. (Measured under MKL_CBWR=AVX against the default path on an AMD EPYC:
+    at most 4.2 n_iter eps.)"""
+    name, seed, B, M, d, scale, eps, n_iter, label_cost = prob
+    return 2 * (max(B, M) - 1) * n_iter * torch.finfo(dtype).eps
+
+
+def _same(got, want, tol: float = 0.0) -> bool:
     if want is None or got is None:
         return got is None and want is None
     if isinstance(want, torch.Tensor):
-        return got.dtype == want.dtype and torch.equal(got, want)
-    return got == want or (math.isnan(got) and math.isnan(want))
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return False
+        if EXACT:
+            return torch.equal(got, want)
+        return bool((got - want).abs().max() <= tol * float(want.abs().max()))
+    if isinstance(want, float) and math.isnan(want):
+        return isinstance(got, float) and math.isnan(got)
+    return got == want if EXACT or isinstance(want, str) else abs(got - want) <= tol * abs(want)
 
 
 def compute(prob, metric, backend, grad, dtype) -> dict:
@@ -109,11 +128,13 @@ def test_loss_values_gradients_and_statistics_are_bit_identical(key, prob, metri
         got = compute(prob, metric, backend, g, dtype)
         assert set(got) == set(want), (key, g)
         for field, x in want.items():
-            assert _same(got[field], x), (key, g, field)
+            if field == "iterations" and not EXACT:
+                continue          # another rounding may stop a converged solve a check earlier or later
+            assert _same(got[field], x, bound(prob, dtype)), (key, g, field)
     if "error" not in want:       # the thin wrapper returns the result's value
         zs, zt, extra = inputs(*prob[1:6], dtype, prob[-1])
-        assert torch.equal(sinkhorn_cost(zs, zt, metric, eps=prob[6], n_iter=prob[7], backend=backend, grad=grad,
-                                         extra_cost=extra), want["value"])
+        assert _same(sinkhorn_cost(zs, zt, metric, eps=prob[6], n_iter=prob[7], backend=backend, grad=grad,
+                                   extra_cost=extra), want["value"], bound(prob, dtype))
 
 
 @pytest.mark.parametrize("key,prob,metric,backend,dtype", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
@@ -122,12 +143,12 @@ def test_plans_and_plan_costs_are_bit_identical(key, prob, metric, backend, dtyp
     got = compute_plan(prob, metric, backend, dtype)
     assert set(got) == set(want), key
     for field, x in want.items():
-        assert _same(got[field], x), (key, field)
+        assert _same(got[field], x, bound(prob, dtype)), (key, field)
     if "error" not in want:
         zs, zt, extra = inputs(*prob[1:6], dtype, prob[-1])
         C = cost_matrix(zs, zt, metric)
-        assert torch.equal(sinkhorn_plan(C if extra is None else C + extra, prob[6], prob[7], backend=backend),
-                           want["plan"])
+        assert _same(sinkhorn_plan(C if extra is None else C + extra, prob[6], prob[7], backend=backend),
+                     want["plan"], bound(prob, dtype))
 
 
 def write(path: Path) -> None:
