@@ -277,3 +277,37 @@ def test_any_method_with_the_hooks_runs_bilevel_and_missing_hooks_are_named():
     plain = build_distiller("ce", build_classifier((5,), "vector", 3, width=8, feat_dim=4), None)
     with pytest.raises(ConfigError, match="bilevel_parameters"):
         BilevelStrategy(plain, torch.optim.SGD(plain.trainable_parameters(), lr=0.1))
+
+
+def test_the_trainer_s_ce_shadow_trains_beside_a_bilevel_method():
+    """Any method enables the CE shadow from its params, a bilevel one too: its CE joins the
+    outer loss at the real parameters, and only the shadow's parameters take that gradient."""
+    from helpers import tiny
+    from ucmkd.engine.shadow import CEShadow
+    from ucmkd.methods.fallback import FallbackParams
+
+    base = METHODS.get("ucmkd-bilevel")
+
+    @dataclass
+    class Params(base.Params, FallbackParams):
+        fallback: bool = True
+
+    class WithShadow(base):
+        pass
+
+    WithShadow.Params = Params
+    teacher, student, batch = tiny()
+    d = WithShadow(student, teacher, Params(n_iter=10))
+    shadow = CEShadow.attach(d)
+    reference = WithShadow(copy.deepcopy(student), copy.deepcopy(teacher), Params(n_iter=10, fallback=False))
+    assert CEShadow.attach(reference) is None
+    before = {k: v.clone() for k, v in shadow.model.state_dict().items()}
+    logs = {}
+    for m, sh in ((d, shadow), (reference, None)):
+        torch.manual_seed(0)
+        opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
+        logs[m is d] = BilevelStrategy(m, opt, 5.0, shadow=sh).step(batch)
+    assert "ce_fallback" in logs[True] and "ce_fallback" not in logs[False]
+    assert any(not torch.equal(v, before[k]) for k, v in shadow.model.state_dict().items()), "the shadow did not move"
+    for (n, p), (_, q) in zip(d.student.named_parameters(), reference.student.named_parameters()):
+        assert torch.equal(p, q), n          # the shadow never changes the distilled student's update
