@@ -77,6 +77,13 @@ def validate_methods(methods: list, variants: dict, method_params: dict) -> None
         METHODS.get(m).parse_params(params)
 
 
+def resolved_params(cfg: RunConfig) -> dict:
+    """The method params of ``cfg`` with every default spelled out (as results rows record them)."""
+    from .methods import METHODS
+
+    return json.loads(json.dumps(asdict(METHODS.get(cfg.method.name).parse_params(cfg.method.params)), default=str))
+
+
 def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace(" -> ", "--"))
 
@@ -109,6 +116,8 @@ class ResultStore:
         config field was added) the same config on every stored field, with the fields the row
         lacks at their defaults. With ``fingerprints`` (the cell's :func:`data_fingerprints`), a
         row recorded on other data content is not a match (rows that predate fingerprints are).
+        A row whose method params, with their defaults spelled out, differ from the cell's (a
+        default changed since: the config alone cannot tell) is not a match either.
         A config naming files whose content keys its runs (:func:`ucmkd.api.file_digests`, e.g. a
         teacher checkpoint) matches by store key only: its stored config cannot tell the file's
         old content from its new one. A row recorded with other plugin code (``user_code``) is
@@ -117,8 +126,9 @@ class ResultStore:
 
         key = cell.store_key
         code = key_config(cell.cfg).get("user_code", {})
+        params = resolved_params(cell.cfg)
         cands = [r for r in self._by_cell.get((cell.setting, cell.label, cell.seed), [])
-                 if (r.get("user_code") or {}) == code]
+                 if (r.get("user_code") or {}) == code and r.get("params", params) == params]
         if fingerprints:
             cands = [r for r in cands if all((r.get("fingerprints") or {}).get(k, v) == v
                                              for k, v in fingerprints.items())]

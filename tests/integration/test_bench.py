@@ -155,3 +155,25 @@ def test_rows_written_before_a_config_field_existed_still_count(tmp_path):
     p.write_text(json.dumps(row) + "\n")
     run_suite(suite, out_dir=tmp_path, **quiet)
     assert len(p.read_text().splitlines()) == 2
+
+
+def test_a_row_made_with_another_default_of_the_method_is_not_reused(tmp_path, monkeypatch):
+    """The store matches rows by the method params with their defaults spelled out (as rows
+    record them), so a cell whose config is unchanged but whose method's default changed since
+    runs again instead of silently reusing a row of the old default."""
+    from dataclasses import field, make_dataclass
+
+    from ucmkd.methods import METHODS
+
+    quiet = {"progress": False, "log": lambda *a: None}
+    suite = tiny_suite(methods=["ce"], seeds=[0], settings={"mild": {"overrides": {}}})
+    run_suite(suite, out_dir=tmp_path, **quiet)
+    p = tmp_path / "results.jsonl"
+    assert json.loads(p.read_text())["params"] == {"label_smoothing": 0.0}
+    run_suite(suite, out_dir=tmp_path, **quiet)
+    assert len(p.read_text().splitlines()) == 1                  # same defaults: reused
+    ce = METHODS.get("ce")
+    monkeypatch.setattr(ce, "Params", make_dataclass("Params", [("label_smoothing", float, field(default=0.05))]))
+    run_suite(suite, out_dir=tmp_path, **quiet)
+    rows = [json.loads(line) for line in p.read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["params"] == {"label_smoothing": 0.05}
