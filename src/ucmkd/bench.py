@@ -239,7 +239,7 @@ def cannot_apply(suite: SuiteConfig, setting: str, label: str) -> str | None:
     """Why method ``label`` cannot run in ``setting``: the error that preparing its first cell
     with an untrained teacher raises (as :func:`ucmkd.grid.preflight` does before a grid
     trains); None if it can, or if the setting's data cannot be read here (nobody can tell)."""
-    from .grid import _context
+    from .grid import cell_context
 
     st = settings_of(suite)[setting]
     cfg = cell_config(suite.base, st.overrides, label, suite.seeds[0], suite.variants, suite.method_params)
@@ -248,7 +248,7 @@ def cannot_apply(suite: SuiteConfig, setting: str, label: str) -> str | None:
     except UcmkdError:
         return None
     try:
-        _context(cfg, train_teacher=False)
+        cell_context(cfg, train_teacher=False)
     except UcmkdError as e:
         return str(e)
     return None

@@ -193,7 +193,7 @@ def _load(cfg: RunConfig):
     return _DATA_CACHE[key]
 
 
-def _context(cfg: RunConfig, train_teacher: bool = True):
+def cell_context(cfg: RunConfig, train_teacher: bool = True):
     """The :class:`~ucmkd.api.RunContext` of a cell. Its teacher is trained (or loaded from the
     cache) for every method, so that teacher-free methods get their alignment diagnostics too;
     ``train_teacher=False``: an untrained one (preflight)."""
@@ -230,7 +230,7 @@ def _run_cell(cfg_dict: dict, run_dir: str, threads: Optional[int], plugins: Opt
     if threads:
         torch.set_num_threads(threads)
     cfg = from_dict(RunConfig, cfg_dict)
-    res = run_context(_context(cfg), run_dir, stale="set_aside")
+    res = run_context(cell_context(cfg), run_dir, stale="set_aside")
     res.pop("distiller", None)
     return res
 
@@ -266,7 +266,7 @@ def preflight(cells: list[Cell]) -> None:
             continue
         seen.add((c.setting, c.label))
         try:
-            _context(c.cfg, train_teacher=False)
+            cell_context(c.cfg, train_teacher=False)
         except UcmkdError as e:
             raise type(e)(f"setting {c.setting!r}, method {c.label!r}: {e}") from None
 
