@@ -18,7 +18,7 @@ from ucmkd.api import key_config, prepare, run_key
 from ucmkd.cli import main
 from ucmkd.config import RunConfig, from_dict, load_config, to_dict
 from ucmkd.errors import ConfigError
-from ucmkd.grid import Cell, ResultStore, _context
+from ucmkd.grid import Cell, ResultStore, cell_context
 from ucmkd.methods import METHODS, register_method
 from ucmkd.methods.ce import CE
 from ucmkd.plugins import digest, load_plugins, user_code
@@ -302,4 +302,4 @@ def test_a_torchrun_rank_imports_the_plugins_it_is_given(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads((tmp_path / "run" / "result.json").read_text())
     assert res["method"] == "plug-rank-ce" and res["user_code"] == {"rank_plugin.py": digest([sha(plugin)])}
-    assert _context(from_dict(RunConfig, cfg)).key == res["key"]     # the key this process computes
+    assert cell_context(from_dict(RunConfig, cfg)).key == res["key"]     # the key this process computes
