@@ -343,13 +343,14 @@ def _write_summary(rows: list[dict], path: Path) -> None:
 def run_suite(suite: SuiteConfig, out_dir: str | Path | None = None, only: str | None = None,
               workers: int | None = None, progress: bool = True, log=print,
               nproc_per_cell: int | None = None, full: SuiteConfig | None = None,
-              report_only: bool = False) -> dict:
+              report_only: bool = False, print_report: bool = True) -> dict:
     """Run (or resume) ``suite``, restricted to the settings matching ``only``; report every
     finished cell of ``full`` (default ``suite``; ``ucmkd bench`` passes the suite its file
     defines, widened by a command line's methods and seeds: :func:`load_suite`).
     ``report_only``: run nothing, rewrite the reports from the results store. ``workers`` cells
     run side by side; ``nproc_per_cell`` > 1 trains every cell data-parallel in that many
-    processes (default: the suite's fields). Returns {results, rows, tables, out_dir, seconds}."""
+    processes (default: the suite's fields); ``print_report=False`` logs the runs' progress but not
+    the tables. Returns {results, rows, tables, out_dir, seconds}."""
     if report_only and only:
         raise ConfigError("--report runs nothing and reports every finished cell: --only has no effect with it")
     full = suite if full is None else full
@@ -365,11 +366,12 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path | None = None, only: str |
     results = store.rows_for(all_cells)
     rep = report(full, results, out)
     seconds = time.time() - t0
-    log(rep["tables"])
-    ran = "reports rebuilt, nothing run" if report_only else f"{len(now)} runs requested"
-    log(f"\n{ran}, {len(results)} of {len(all_cells)} suite runs finished; "
-        f"{seconds:.0f} s. Outputs in {out}/ (tables.md, summary.csv, results.csv, results.jsonl, "
-        f"heatmap.png, bars/)")
+    if print_report:
+        log(rep["tables"])
+        ran = "reports rebuilt, nothing run" if report_only else f"{len(now)} runs requested"
+        log(f"\n{ran}, {len(results)} of {len(all_cells)} suite runs finished; "
+            f"{seconds:.0f} s. Outputs in {out}/ (tables.md, summary.csv, results.csv, results.jsonl, "
+            f"heatmap.png, bars/)")
     return {"results": results, **rep, "out_dir": str(out), "seconds": seconds}
 
 

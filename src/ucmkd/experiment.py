@@ -60,7 +60,8 @@ def run_experiment(exp: ExperimentConfig, out_dir: str | Path | None = None, pro
     out.mkdir(parents=True, exist_ok=True)
     save_config(exp, out / "experiment.yaml")
     t_start = time.time()
-    res = run_suite(suite, out, workers=workers, progress=progress, log=lambda *a: None, nproc_per_cell=nproc_per_cell)
+    res = run_suite(suite, out, workers=workers, progress=progress, log=log, nproc_per_cell=nproc_per_cell,
+                    print_report=False)
     table = (out / "table.md").read_text().rstrip("\n") if (out / "table.md").is_file() else ""
     log(table)
     log(f"\n{len(res['results'])} runs in {time.time() - t_start:.0f} s; results in {out}/ "
