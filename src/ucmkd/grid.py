@@ -42,9 +42,16 @@ class Cell:
 
     @property
     def store_key(self) -> str:
-        from .keys import run_key
+        from .keys import key_config
 
-        return f"{self.setting}|{self.label}|{run_key(self.cfg)}"
+        return self.store_key_of(key_config(self.cfg))
+
+    def store_key_of(self, key_cfg: dict) -> str:
+        """The store key from the cell's :func:`~ucmkd.keys.key_config` (computed once by a caller
+        that needs it too): ``setting|label|run key``."""
+        from .config import config_hash
+
+        return f"{self.setting}|{self.label}|{config_hash(key_cfg)}"
 
 
 def cell_config(base: RunConfig, overrides: dict, label: str, seed: int, variants: dict,
@@ -124,8 +131,9 @@ class ResultStore:
         never a match; rows without it match only cells that use no plugin code."""
         from .keys import file_digests, key_config
 
-        key = cell.store_key
-        code = key_config(cell.cfg).get("user_code", {})
+        key_cfg = key_config(cell.cfg)
+        key = cell.store_key_of(key_cfg)
+        code = key_cfg.get("user_code", {})
         params = resolved_params(cell.cfg)
         cands = [r for r in self._by_cell.get((cell.setting, cell.label, cell.seed), [])
                  if (r.get("user_code") or {}) == code and r.get("params", params) == params]
